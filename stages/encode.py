@@ -1,0 +1,94 @@
+"""Stage 4: encode the splits to token files -> data/encoded/{train,val}.npy + {train,val}.json.
+
+    make encode
+    python stages/encode.py
+
+Each document becomes <s> piece ids of its lines </s>; documents are concatenated
+into one flat array (uint16 while the vocabulary has < 65536 pieces) that the
+trainer memory-maps. The JSON sidecar describes the file (dtype, vocab size,
+token count, source bytes for bits-per-byte, tokenizer checksum), so the trainer
+refuses a stale file or one made by another tokenizer.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from common import (PipelineError, atomic_path, human_bytes, inject_disk_full_fault, log, log_config, read_json, resolve_config, run_stage,
+                    sha256_file, stage_parser, stage_paths, write_json_atomic)
+
+
+def build_parser():
+    return stage_parser("encode", __doc__)
+
+
+def encode_split(sp, text: str, bos: int, eos: int) -> np.ndarray:
+    documents = [doc.split("\n") for doc in text.split("\n\n") if doc.strip()]
+    lines = [line for doc in documents for line in doc]
+    ids = sp.encode(lines)  # one batched call: SentencePiece spreads it over threads
+    out, i = [], 0
+    for doc in documents:
+        out.append([bos])
+        for piece_ids in ids[i:i + len(doc)]:
+            out.append(piece_ids)
+        out.append([eos])
+        i += len(doc)
+    flat = np.fromiter((t for chunk in out for t in chunk), dtype=np.int64)
+    return flat
+
+
+def main(cfg):
+    import sentencepiece as spm
+
+    log_config(cfg)
+    paths = stage_paths(cfg)
+    tok_dir, out = paths["tokenizer"], paths["encoded"]
+    meta = read_json(tok_dir / "tokenizer.json", "tokenizer sidecar", "run `make tokenizer` first")
+    model_file = tok_dir / "spm.model"
+    tokenizer_sha = sha256_file(model_file)
+    if tokenizer_sha != meta["model_sha256"]:
+        raise PipelineError(f"{model_file} does not match its sidecar {tok_dir / 'tokenizer.json'} (checksum differs)",
+                            "retrain it: `make tokenizer`", "checkpoint-and-tokenizer-mismatch")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    except (RuntimeError, OSError) as exc:
+        raise PipelineError(f"cannot load tokenizer {model_file}: {exc}", "retrain it: `make tokenizer`",
+                            "tokenizer-failures") from None
+    vocab = sp.get_piece_size()
+    dtype = np.uint16 if vocab < 2 ** 16 else np.uint32
+
+    for split in ("train", "val"):
+        start = time.perf_counter()
+        src = paths["prepared"] / f"{split}.txt"
+        if not src.exists():
+            raise PipelineError(f"{src} is missing", "run `make prepare` first", "empty-or-corrupted-corpus")
+        text = src.read_text(encoding="utf-8")
+        tokens = encode_split(sp, text, sp.bos_id(), sp.eos_id()).astype(dtype)
+        npy = out / f"{split}.npy"
+        with atomic_path(npy, tokens.nbytes) as tmp:
+            inject_disk_full_fault(npy)
+            with open(tmp, "wb") as f:
+                np.save(f, tokens)
+        source_bytes = len(text.encode("utf-8"))
+        sidecar = {
+            "split": split,
+            "file": npy.name,
+            "dtype": np.dtype(dtype).name,
+            "vocab_size": vocab,
+            "tokens": int(tokens.size),
+            "source_bytes": source_bytes,
+            "source_sha256": sha256_file(src),
+            "tokenizer_sha256": tokenizer_sha,
+            "file_sha256": sha256_file(npy),
+            "bytes_per_token": round(source_bytes / max(1, tokens.size), 3),
+        }
+        write_json_atomic(out / f"{split}.json", sidecar)
+        log(f"{split}: {human_bytes(source_bytes)} -> {tokens.size:,} tokens ({sidecar['bytes_per_token']} bytes/token, "
+            f"{sidecar['dtype']}) in {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    config = resolve_config(build_parser(), "encode")
+    run_stage(main, config)
