@@ -1,0 +1,113 @@
+"""Evaluation report, language identifier, repetition metrics, plots, the generate CLI, offline use."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "stages"))
+from evaluate import identify_language, repetition_metrics  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Makes any network use fail inside the child process: evaluate and generate must not need it.
+NO_NETWORK = """
+import socket
+def _refuse(*args, **kwargs):
+    raise OSError("network access blocked by the test")
+socket.socket.connect = _refuse
+socket.socket.connect_ex = _refuse
+socket.create_connection = _refuse
+socket.getaddrinfo = _refuse
+"""
+
+
+def offline_env(tmp_path):
+    site = tmp_path / "offline_site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(NO_NETWORK)
+    return {"PYTHONPATH": str(site)}
+
+
+def test_language_identifier_on_known_sentences():
+    assert identify_language("And the king said unto them, Go ye into the city of David.") == "en"
+    assert identify_language("Y el rey les dijo: Id á la ciudad de David, porque es tiempo.") == "es"
+    assert identify_language("Blessed are the poor in spirit: for theirs is the kingdom of heaven.") == "en"
+    assert identify_language("Bienaventurados los pobres en espíritu: porque de ellos es el reino.") == "es"
+    assert identify_language("12345 !!! ???") == "unknown"
+
+
+def test_repetition_metrics_on_crafted_sequences():
+    fresh = repetition_metrics([1, 2, 3, 4, 5, 6], "one two three four five six")
+    assert fresh["repeated_3gram_share"] == 0 and fresh["max_repeat_run"] == 1
+    assert fresh["distinct_1"] == 1 and fresh["distinct_2"] == 1
+    looping = repetition_metrics([1, 2, 3, 1, 2, 3, 1, 2, 3], "the the the the")
+    assert looping["repeated_3gram_share"] == 1 - 3 / 7
+    assert looping["distinct_1"] == 0.25
+    stuck = repetition_metrics([5, 7, 7, 7, 7, 7, 2], "x")
+    assert stuck["max_repeat_run"] == 5
+
+
+def test_report_fields_checks_and_plots(trained, tmp_path):
+    out = trained.run("evaluate.py", "--latency-steps", "200", env=offline_env(tmp_path))
+    eval_dir = trained.artifacts / "eval"
+    report = json.loads((eval_dir / "report.json").read_text())
+    for key in ("val_loss", "perplexity", "val_bpb"):
+        assert report["metrics"][key] > 0
+    lat = report["inference"]
+    assert lat["steps"] >= 200 and lat["generations"] >= 2
+    assert 0 < lat["p50_ms"] <= lat["p95_ms"] and lat["tokens_per_s"] > 0 and lat["peak_rss_mb"] >= lat["rss_mb"] > 0
+    assert lat["cpu_seconds_per_token"] > 0
+    names = {c["check"] for c in report["checks"]}
+    assert any("SC-003" in n for n in names) and any("SC-012" in n for n in names) and any("SC-010" in n for n in names)
+    val_check = next(c for c in report["checks"] if "SC-003" in c["check"])
+    assert val_check["passed"] == (report["metrics"]["val_loss"] < 5.0)
+    assert len(report["samples"]) == 6 and {s["prompt_language"] for s in report["samples"]} == {"en", "es"}
+    for plot in ("loss.png", "lr.png", "bpb.png"):
+        data = (eval_dir / plot).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 2000
+    markdown = (eval_dir / "report.md").read_text()
+    assert "| validation loss" in markdown and "PASS" in markdown or "FAIL" in markdown
+    assert report["headline"] in out.stdout
+
+
+def test_generate_streams_and_is_reproducible_offline(trained, tmp_path):
+    args = ("--prompt", "En el principio", "--max-tokens", "60", "--gen-seed", "5")
+    first = trained.run("generate.py", *args, env=offline_env(tmp_path))
+    second = trained.run("generate.py", *args, env=offline_env(tmp_path))
+    assert first.stdout.startswith("En el principio")
+    assert first.stdout == second.stdout
+    other = trained.run("generate.py", "--prompt", "En el principio", "--max-tokens", "60", "--gen-seed", "6")
+    assert other.stdout != first.stdout
+
+
+def test_generate_beyond_the_context_uses_a_sliding_window(trained):
+    # the tiny model's context is 32 tokens; 100 new tokens need the window to slide
+    import sentencepiece as spm
+    out = trained.run("generate.py", "--prompt", "And the king", "--max-tokens", "100", "--temperature", "0")
+    sp = spm.SentencePieceProcessor(model_file=str(trained.artifacts / "tokenizer" / "spm.model"))
+    assert len(sp.encode(out.stdout.strip())) > 60
+
+
+def test_generate_without_a_model_points_to_make_train(workspace):
+    result = workspace.run("generate.py", check=False)
+    assert result.returncode == 1 and "make train" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_malicious_checkpoint_is_not_executed(trained, tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"model": Exploit()}))
+    result = trained.run("generate.py", "--checkpoint", evil, check=False)
+    assert result.returncode == 1
+    assert "not a valid checkpoint" in result.stderr and "it was not executed" in result.stderr
+    assert not marker.exists()

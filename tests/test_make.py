@@ -1,0 +1,104 @@
+"""The Makefile in a scratch copy of the project: a full tiny run, then what each change rebuilds.
+
+The copy uses the real venv (VENV=...) and a fixture corpus (CORPUS_PATH=...), so
+nothing is installed or downloaded here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import copy_project, make_corpus_text
+
+STAGES = ["download.py", "prepare.py", "train_tokenizer.py", "encode.py", "train.py", "evaluate.py"]
+
+
+@pytest.fixture
+def project(tmp_path):
+    proj = copy_project(tmp_path / "proj")
+    corpus = tmp_path / "corpus_in.txt"
+    corpus.write_text(make_corpus_text(), encoding="utf-8")
+    tiny = [f"VENV={sys.prefix}", f"CORPUS_PATH={corpus}", "VOCAB_SIZE=320", "N_LAYERS=1", "D_MODEL=32", "N_HEADS=2",
+            "SEQ_LEN=32", "BATCH_SIZE=16", "EPOCHS=1", "DTYPE=float32", "THREADS=1", "MIN_FREE_GB=0.01"]
+    return proj, tiny, corpus
+
+
+def make(proj: Path, *args, check=True):
+    result = subprocess.run(["make", *args], cwd=proj, capture_output=True, text=True, timeout=600,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")})
+    if check and result.returncode != 0:
+        raise AssertionError(f"make {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def ran(output: str) -> list[str]:
+    """The stage scripts make ran (recipes echo their command lines)."""
+    return [s for s in STAGES if f"stages/{s} " in output and f"python stages/{s}" in output]
+
+
+def test_make_all_then_only_what_changed_rebuilds(project):
+    proj, tiny, corpus = project
+    first = make(proj, "all", *tiny)
+    assert ran(first.stdout) == STAGES
+    assert "check" in first.stdout and "report: artifacts/eval/report.md" in first.stdout
+    for path in ("data/raw/corpus.txt", "data/prepared/train.txt", "artifacts/tokenizer/spm.model",
+                 "data/encoded/train.npy", "artifacts/checkpoints/best_model.pt", "artifacts/checkpoints/final_model.pt",
+                 "artifacts/checkpoints/history.json", "artifacts/eval/report.json"):
+        assert (proj / path).exists(), path
+
+    assert ran(make(proj, "all", *tiny).stdout) == [], "a second make all must do nothing"
+
+    retrain = make(proj, "train", *tiny, "LR=0.001", "EPOCHS=2")
+    assert ran(retrain.stdout) == ["train.py"]
+    assert "learning_rate=0.001*" in retrain.stdout and "epochs=2*" in retrain.stdout
+
+    vocab = make(proj, "all", *tiny, "VOCAB_SIZE=310")
+    assert ran(vocab.stdout) == ["train_tokenizer.py", "encode.py", "train.py", "evaluate.py"]
+
+    time.sleep(1.1)  # mtime resolution of some file systems
+    (proj / "stages" / "prepare.py").touch()
+    changed = make(proj, "all", *tiny, "VOCAB_SIZE=310")
+    assert ran(changed.stdout) == STAGES[1:]
+
+    corpus.write_text(make_corpus_text(seed=1), encoding="utf-8")
+    assert ran(make(proj, "all", *tiny, "VOCAB_SIZE=310").stdout) == STAGES, "an edited corpus reruns everything"
+
+    make(proj, "clean-checkpoints", *tiny)
+    assert not (proj / "artifacts" / "checkpoints").exists()
+    assert (proj / "artifacts" / "tokenizer" / "spm.model").exists() and (proj / "data" / "encoded" / "train.npy").exists()
+    assert ran(make(proj, "all", *tiny, "VOCAB_SIZE=310").stdout) == ["train.py", "evaluate.py"]
+
+
+def test_failed_stage_leaves_nothing_up_to_date(project, tmp_path):
+    proj, tiny, _ = project
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    tiny = [v for v in tiny if not v.startswith("CORPUS_PATH=")] + [f"CORPUS_PATH={empty}"]
+    result = make(proj, "prepare", *tiny, check=False)
+    assert result.returncode != 0 and "is empty" in result.stderr
+    assert not (proj / "data" / "prepared" / "stats.json").exists()
+    again = make(proj, "prepare", *tiny, check=False)
+    assert "stages/prepare.py" in again.stdout, "the failed stage must run again"
+
+
+def test_help_lists_targets_and_variables(project):
+    proj, _, _ = project
+    out = make(proj, "help").stdout
+    for word in ("all", "download", "prepare", "tokenizer", "encode", "train", "evaluate", "generate", "check", "test",
+                 "clean-checkpoints", "distclean", "LR=", "EPOCHS=", "BATCH_SIZE=", "SEQ_LEN=", "VOCAB_SIZE=",
+                 "CORPUS_PATH=", "CORPUS_URL="):
+        assert word in out, word
+
+
+def test_check_reports_each_problem_with_a_fix(project, tmp_path):
+    proj, tiny, _ = project
+    tiny = [v for v in tiny if not v.startswith(("CORPUS_PATH=", "MIN_FREE_GB="))]
+    result = make(proj, "check", *tiny, f"CORPUS_PATH={tmp_path / 'nope.txt'}", "MIN_FREE_GB=1000000", check=False)
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr and "GB free" in result.stderr

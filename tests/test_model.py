@@ -1,0 +1,103 @@
+"""TinyTransformer: shapes, causality, KV cache, initial loss, chunked loss, sampling filters."""
+
+from __future__ import annotations
+
+import math
+
+import sys
+
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))
+from model import ModelConfig, TinyTransformer, sample_next  # noqa: E402
+
+CFG = ModelConfig(vocab_size=300, n_layers=2, d_model=32, n_heads=4, max_seq_length=24)
+
+
+def make_model(seed=0, cfg=CFG):
+    torch.manual_seed(seed)
+    return TinyTransformer(cfg).eval()
+
+
+def test_logits_shape_and_tied_output():
+    model = make_model()
+    logits, loss = model(torch.randint(0, 300, (3, 10)))
+    assert logits.shape == (3, 10, 300) and loss is None
+    assert model.wte.weight.data_ptr() == model.wte.weight.data_ptr()
+    assert not any(name.startswith("lm_head") for name, _ in model.named_parameters())  # tied, no second matrix
+
+
+def test_causal_masking_later_tokens_never_change_earlier_logits():
+    model = make_model()
+    x = torch.randint(0, 300, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 7) % 300
+    with torch.no_grad():
+        a, _ = model(x)
+        b, _ = model(y)
+    assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6)
+    assert not torch.allclose(a[0, 10:], b[0, 10:], atol=1e-3)
+
+
+def test_kv_cache_generation_equals_full_recomputation():
+    model = make_model()
+    prompt = [2, 17, 42, 99]
+    cached = list(model.generate(prompt, 40, temperature=0))  # 44 tokens > context 24: sliding window too
+    full = list(model.generate(prompt, 40, temperature=0, use_cache=False))
+    assert cached == full
+    gen_a = torch.Generator().manual_seed(3)
+    gen_b = torch.Generator().manual_seed(3)
+    assert list(model.generate(prompt, 20, 0.9, 20, 0.9, gen_a)) == \
+        list(model.generate(prompt, 20, 0.9, 20, 0.9, gen_b, use_cache=False))
+
+
+def test_loss_at_initialisation_is_about_ln_vocab():
+    cfg = ModelConfig(vocab_size=8000, n_layers=2, d_model=128, n_heads=4, max_seq_length=64)
+    model = make_model(cfg=cfg)
+    x = torch.randint(0, 8000, (4, 65))
+    with torch.no_grad():
+        loss = model.loss(x[:, :-1], x[:, 1:])
+    assert abs(loss.item() - math.log(8000)) < 0.1
+
+
+def test_chunked_loss_equals_full_loss_and_gradients():
+    x = torch.randint(0, 300, (4, 21))
+    grads = []
+    for chunk in (0, 7):
+        model = make_model().train()
+        loss = model.loss(x[:, :-1], x[:, 1:], chunk_tokens=chunk)
+        loss.backward()
+        grads.append((loss.item(), model.wte.weight.grad.clone(), model.h[0].attn.c_attn.weight.grad.clone()))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-5
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+    assert torch.allclose(grads[0][2], grads[1][2], atol=1e-6)
+
+
+def test_forward_loss_matches_loss_method():
+    model = make_model()
+    x = torch.randint(0, 300, (2, 13))
+    with torch.no_grad():
+        _, a = model(x[:, :-1], x[:, 1:])
+        b = model.loss(x[:, :-1], x[:, 1:])
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([5.0, 4.0, 1.0, 0.5, -2.0])
+    assert sample_next(logits, 0, 0, 1.0, None) == 0
+    picks = {sample_next(logits, 1.0, 2, 1.0, torch.Generator().manual_seed(s)) for s in range(200)}
+    assert picks == {0, 1}  # top-k 2
+    picks = {sample_next(logits, 1.0, 0, 0.5, torch.Generator().manual_seed(s)) for s in range(200)}
+    assert picks == {0}  # the first token alone holds more than half the mass
+
+
+def test_too_long_input_is_refused():
+    model = make_model()
+    try:
+        model(torch.zeros(1, 25, dtype=torch.long))
+    except ValueError as exc:
+        assert "max_seq_length" in str(exc)
+    else:
+        raise AssertionError("expected ValueError")

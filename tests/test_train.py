@@ -1,0 +1,205 @@
+"""Training: loss falls, schedule, clipping, checkpoints, exact resume, signals, refusals, overrides, prompt."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import PYTHON, REPO, TINY_TRAIN
+
+sys.path.insert(0, str(REPO / "stages"))
+sys.path.insert(0, str(REPO))
+
+
+def epochs_of(ws):
+    return ws.history()["epochs"]
+
+
+def losses(ws):
+    return [(e["train_loss"], e["train_loss_eval"], e["val_loss"]) for e in epochs_of(ws)]
+
+
+def test_tiny_training_learns_and_writes_every_artifact(encoded):
+    out = encoded.run("train.py", *TINY_TRAIN, "--epochs", "3")
+    ckpt = encoded.artifacts / "checkpoints"
+    for name in ("best_model.pt", "final_model.pt", "last.pt", "epoch_001.pt", "epoch_003.pt", "history.json",
+                 "metrics.jsonl", "config.json", "train_done.json"):
+        assert (ckpt / name).exists(), name
+    history = epochs_of(encoded)
+    assert len(history) == 3
+    assert history[0]["val_loss"] < math.log(320)
+    assert history[2]["train_loss"] < history[1]["train_loss"] < history[0]["train_loss"]
+    for entry in history:
+        for key in ("train_loss", "train_loss_eval", "val_loss", "val_bpb", "lr", "tokens_per_s", "seconds", "samples"):
+            assert entry[key] is not None, key
+        assert set(entry["samples"]) == {"en", "es"}
+    assert len((ckpt / "metrics.jsonl").read_text().splitlines()) == 3
+    assert "parameters" in out.stdout and "epoch  3/3" in out.stdout and "sample [es]" in out.stdout
+
+
+def test_checkpoint_is_plain_and_loads_with_weights_only(encoded):
+    encoded.run("train.py", *TINY_TRAIN, "--epochs", "1")
+    ckpt = torch.load(encoded.artifacts / "checkpoints" / "last.pt", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "epoch", "step", "position", "rng", "best_val_loss", "config",
+                "tokenizer_sha256", "model_config", "history"):
+        assert key in ckpt, key
+    assert set(ckpt["rng"]) == {"python", "numpy", "torch"}
+    assert ckpt["epoch"] == 1 and ckpt["position"] == 0 and ckpt["config"]["learning_rate"] == 0.003
+    json.dumps({k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")})  # JSON-able metadata
+    best = torch.load(encoded.artifacts / "checkpoints" / "best_model.pt", weights_only=True)
+    assert best["kind"] == "best" and "optimizer" not in best
+    assert not list((encoded.artifacts / "checkpoints").glob(".*tmp*")), "temp files left behind"
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    from train import lr_at
+    cfg = {"learning_rate": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 10}
+    lrs = [lr_at(s, cfg, 110) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-4)
+    assert lrs[60] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 50 / 99)))
+
+
+def test_gradient_clipping_is_applied_and_logged(encoded):
+    encoded.run("train.py", *TINY_TRAIN, "--epochs", "1", "--grad-clip", "0.01")
+    entry = epochs_of(encoded)[0]
+    assert entry["grad_norm_max"] > 0.01  # the norm is logged before clipping
+    # torch's clip_grad_norm_ is what the loop calls: it rescales to the limit and returns the norm before.
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.full((4,), 10.0)
+    norm = torch.nn.utils.clip_grad_norm_([p], 1.0)
+    assert norm.item() == pytest.approx(20.0) and p.grad.norm().item() == pytest.approx(1.0)
+
+
+def test_resume_after_sigint_equals_uninterrupted_run(tmp_path, corpus_file):
+    from conftest import Workspace
+    straight = Workspace(tmp_path / "a").prepare_data(corpus_file)
+    straight.run("train.py", *TINY_TRAIN, "--epochs", "3", "--dropout", "0.1")
+    interrupted = Workspace(tmp_path / "b").prepare_data(corpus_file)
+    # The fault hook sends SIGINT to the process itself at step 30 (mid-epoch 2): deterministic, no sleeps.
+    first = interrupted.run("train.py", *TINY_TRAIN, "--epochs", "3", "--dropout", "0.1",
+                            env={"FAULT_AT_STEP": "30:sigint"}, check=False)
+    assert first.returncode == 130, first.stderr
+    assert "resume with:" in first.stderr
+    assert not (interrupted.artifacts / "checkpoints" / "train_done.json").exists()
+    last = torch.load(interrupted.artifacts / "checkpoints" / "last.pt", weights_only=True)
+    assert last["step"] == 31 and last["position"] > 0  # the step in flight finishes, then it stops
+    second = interrupted.run("train.py", *TINY_TRAIN, "--epochs", "3", "--dropout", "0.1")
+    assert "resuming" in second.stdout
+    assert losses(interrupted) == losses(straight)
+
+
+def test_sigterm_saves_and_exits_143(encoded):
+    result = encoded.run("train.py", *TINY_TRAIN, env={"FAULT_AT_STEP": "5:sigterm"}, check=False)
+    assert result.returncode == 143
+    assert torch.load(encoded.artifacts / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
+
+
+def test_same_seed_gives_same_losses(tmp_path, corpus_file):
+    from conftest import Workspace
+    a = Workspace(tmp_path / "a").prepare_data(corpus_file)
+    b = Workspace(tmp_path / "b").prepare_data(corpus_file)
+    for ws in (a, b):
+        ws.run("train.py", *TINY_TRAIN, "--epochs", "1")
+    assert losses(a) == losses(b)
+
+
+def test_new_settings_start_a_new_run_and_keep_the_old_models(encoded):
+    encoded.run("train.py", *TINY_TRAIN, "--epochs", "1")
+    out = encoded.run("train.py", *TINY_TRAIN, "--epochs", "1", "--learning-rate", "0.001")
+    assert "moved aside" in out.stdout and "learning_rate 0.003 -> 0.001" in out.stdout
+    archived = list((encoded.artifacts / "checkpoints-archive").glob("*/final_model.pt"))
+    assert len(archived) == 1
+    assert json.loads((encoded.artifacts / "checkpoints" / "config.json").read_text())["learning_rate"] == 0.001
+
+
+def test_finished_run_is_not_retrained_and_restart_moves_it_aside(encoded):
+    encoded.run("train.py", *TINY_TRAIN, "--epochs", "1")
+    again = encoded.run("train.py", *TINY_TRAIN, "--epochs", "1")
+    assert "already finished" in again.stdout
+    restart = encoded.run("train.py", *TINY_TRAIN, "--epochs", "1", "--restart")
+    assert "moved aside" in restart.stdout
+    assert len(list((encoded.artifacts / "checkpoints-archive").iterdir())) == 1
+
+
+def test_resume_yes_without_a_run_fails_clearly(encoded):
+    result = encoded.run("train.py", *TINY_TRAIN, "--resume", "yes", check=False)
+    assert result.returncode == 1 and "nothing to resume" in result.stderr
+
+
+def test_mismatched_tokenizer_is_refused(encoded):
+    encoded.run("train_tokenizer.py", "--vocab-size", "310")  # token files are now stale
+    result = encoded.run("train.py", *TINY_TRAIN, check=False)
+    assert result.returncode == 1
+    assert "encoded with another tokenizer" in result.stderr and "make encode" in result.stderr
+
+
+def test_bad_training_parameters_are_refused_before_work(encoded):
+    result = encoded.run("train.py", "--learning-rate", "-1", "--batch-size", "0", "--epochs", "0",
+                         "--max-seq-length", "100000", check=False)
+    assert result.returncode == 2
+    for name in ("learning_rate", "batch_size", "epochs", "max_seq_length"):
+        assert name in result.stderr
+    assert not (encoded.artifacts / "checkpoints").exists()
+
+
+def test_overrides_reach_the_log_and_the_saved_config(encoded):
+    out = encoded.run("train.py", *TINY_TRAIN, "--epochs", "1", "--batch-size", "8")
+    assert "batch_size=8*" in out.stdout and "epochs=1*" in out.stdout
+    saved = json.loads((encoded.artifacts / "checkpoints" / "config.json").read_text())
+    assert saved["batch_size"] == 8 and "batch_size" in saved["overridden"]
+
+
+def test_memory_estimate_refuses_a_batch_that_cannot_fit(encoded):
+    result = encoded.run("train.py", *TINY_TRAIN, "--batch-size", "4096", "--max-memory-gb", "0.05", check=False)
+    assert result.returncode == 1
+    assert "Out of memory" in result.stderr and "try BATCH_SIZE=2048" in result.stderr
+
+
+def test_out_of_memory_during_a_step_saves_and_explains(encoded):
+    result = encoded.run("train.py", *TINY_TRAIN, env={"FAULT_AT_STEP": "3:oom"}, check=False)
+    assert result.returncode == 1
+    assert "Out of memory at BATCH_SIZE=16, SEQ_LEN=32" in result.stderr and "try BATCH_SIZE=8" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert torch.load(encoded.artifacts / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_interactive_prompt_offers_resume_or_restart(encoded):
+    encoded.run("train.py", *TINY_TRAIN, env={"FAULT_AT_STEP": "5:sigint"}, check=False)
+    cmd = [PYTHON, str(REPO / "stages" / "train.py"), "--data-dir", str(encoded.data), "--artifacts-dir",
+           str(encoded.artifacts), *TINY_TRAIN]
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(REPO)
+        os.execv(PYTHON, cmd)
+    output = b""
+    deadline = time.time() + 120
+    while b"[R]esume / [s]tart over" not in output and time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1)
+        if ready:
+            output += os.read(fd, 4096)
+    assert b"Resume from epoch 1, batch 6?" in output
+    os.write(fd, b"s\n")
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b"you chose to start over" in output
+    assert len(list((encoded.artifacts / "checkpoints-archive").iterdir())) == 1
