@@ -163,7 +163,7 @@ def lr_at(step: int, cfg: dict, total_steps: int) -> float:
 
 
 @torch.no_grad()
-def mean_loss(model, tokens, starts, seq_len, batch_size, device, autocast) -> float:
+def mean_loss(model, tokens, starts, seq_len, batch_size, device, autocast, chunk_tokens=512) -> float:
     """Mean cross-entropy (nats/token) over the given windows, in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
@@ -171,7 +171,7 @@ def mean_loss(model, tokens, starts, seq_len, batch_size, device, autocast) -> f
     for i in range(0, len(starts), batch_size):
         x, y = get_batch(tokens, starts[i:i + batch_size], seq_len, device)
         with autocast():
-            loss = model.loss(x, y)
+            loss = model.loss(x, y, chunk_tokens)
         total += float(loss) * y.numel()
         count += y.numel()
     model.train(was_training)
@@ -532,10 +532,7 @@ def main(cfg):
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 else nullcontext
     loss_fn = functools.partial(model.loss, chunk_tokens=cfg["loss_chunk_tokens"])
     if cfg["compile"]:
-        try:
-            loss_fn = torch.compile(loss_fn)
-        except Exception as exc:  # compile is an optimisation; never a reason to fail
-            log(f"torch.compile unavailable ({type(exc).__name__}: {exc}); using eager mode")
+        model.enable_compile()  # compiles lazily, at the first step (see the fallback there)
     params = [p for p in model.parameters()]
 
     def payload(kind: str, epoch: int, pos: int) -> dict:
@@ -570,6 +567,7 @@ def main(cfg):
         f"({len(train_starts) * T:,} tokens/epoch); validation {len(val_starts) * T:,} tokens")
     t_run = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
     model.train()
+    start_step = step
     for epoch in range(start_epoch, cfg["epochs"]):
         order = epoch_order(len(train_starts), cfg["seed"], epoch).numpy()
         batches = [order[i:i + cfg["batch_size"]] for i in range(0, len(order), cfg["batch_size"])]
@@ -590,8 +588,18 @@ def main(cfg):
             x, y = get_batch(train_tokens, train_starts[batches[b]], T, device)
             try:
                 inject_fault(step)
-                with autocast():
-                    loss = loss_fn(x, y)
+                try:
+                    with autocast():
+                        loss = loss_fn(x, y)
+                except Exception as exc:
+                    if not cfg["compile"] or step > start_step:
+                        raise
+                    # torch.compile is an optimisation, never a reason to fail: fall back to eager.
+                    log(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                        f"continuing in eager mode")
+                    model.disable_compile()
+                    with autocast():
+                        loss = loss_fn(x, y)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
                 optimizer.step()
