@@ -30,7 +30,8 @@ from pathlib import Path
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "config" / "defaults.yaml"
+# PIPELINE_CONFIG points every stage at another defaults file (the docs tests use a tiny one).
+DEFAULT_CONFIG = Path(os.environ.get("PIPELINE_CONFIG") or REPO_ROOT / "config" / "defaults.yaml")
 TROUBLESHOOTING = "docs/troubleshooting.md"
 
 # `model/` lives beside `stages/`; make it importable however the script is started.
@@ -38,6 +39,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when SIGTERM arrives (BaseException: not caught by `except Exception`)."""
 
 
 class PipelineError(Exception):
@@ -269,11 +274,17 @@ def atomic_path(path: Path, needed_bytes: int | None = None):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a process killed mid-write
+        with contextlib.suppress(OSError):
+            if not _pid_alive(int(stale.name.rsplit("tmp", 1)[1])):
+                stale.unlink()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if os.environ.get("FAULT_KILL_BEFORE_RENAME") and os.environ["FAULT_KILL_BEFORE_RENAME"] in path.name:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with a complete temp file not yet renamed
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -283,6 +294,16 @@ def atomic_path(path: Path, needed_bytes: int | None = None):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def inject_disk_full_fault(path: Path) -> None:
@@ -320,9 +341,9 @@ def read_json(path: Path, what: str, fix: str) -> dict:
 
 def run_stage(main, cfg: dict, report_time: bool = True) -> None:
     """Run `main(cfg)`; turn expected failures into one message and an exit code."""
-    # SIGTERM behaves like Ctrl+C so that `finally` blocks and temp-file cleanup run.
+    # SIGTERM unwinds the stack like Ctrl+C, so that `finally` blocks and temp-file cleanup run.
     def _on_sigterm(signum, frame):
-        raise SystemExit(EXIT_SIGTERM)
+        raise Terminated()
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     start = time.perf_counter()
@@ -331,9 +352,10 @@ def run_stage(main, cfg: dict, report_time: bool = True) -> None:
     except PipelineError as exc:
         print(str(exc), file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: stage '{_STAGE}' stopped; its outputs were not updated. Rerun the same command.",
-              file=sys.stderr, flush=True)
-        sys.exit(EXIT_SIGINT)
+    except (KeyboardInterrupt, Terminated) as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"\n{what}: stage '{_STAGE}' stopped before finishing; its outputs were not updated "
+              f"(a partial download is kept and resumed). Rerun the same command.", file=sys.stderr, flush=True)
+        sys.exit(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT)
     if report_time:
         log(f"done in {time.perf_counter() - start:.1f}s")

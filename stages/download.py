@@ -169,16 +169,21 @@ def build_bilingual_corpus(cfg, chapters) -> tuple[bytes, dict]:
     budget = {ENGLISH: cfg["target_bytes"] * cfg["english_share"],
               SPANISH: cfg["target_bytes"] * (1 - cfg["english_share"])}
     used = {ENGLISH: 0, SPANISH: 0}
-    chosen: dict[tuple[int, int], list[str]] = {}
+    chosen: dict[tuple[int, int], dict[str, list[str]]] = {}
     for index in spread_order(len(keys)):
         if all(used[lang] >= budget[lang] for lang in used):
             break
         key = keys[index]
         for lang in (ENGLISH, SPANISH):
             if used[lang] < budget[lang] and chapters[key][lang]:
-                chosen.setdefault(key, []).extend(chapters[key][lang])
+                chosen.setdefault(key, {ENGLISH: [], SPANISH: []})[lang] = chapters[key][lang]
                 used[lang] += sum(len(v.encode("utf-8")) + 1 for v in chapters[key][lang])
-    documents = ["\n".join(chosen[key]) for key in sorted(chosen)]
+    # Alternate which language opens a chapter: if English always came first, the model
+    # would learn that text after <s> is English and continue Spanish prompts in English.
+    documents = []
+    for i, key in enumerate(sorted(chosen)):
+        parts = [chosen[key][lang] for lang in ((ENGLISH, SPANISH) if i % 2 == 0 else (SPANISH, ENGLISH))]
+        documents.append("\n".join(line for part in parts for line in part))
     text = "\n\n".join(documents) + "\n"
     info = {"documents": len(documents), "chapters_available": len(keys),
             "language_bytes": {"en": used[ENGLISH], "es": used[SPANISH]}}

@@ -414,14 +414,20 @@ class StopRequest:
 
 
 def inject_fault(step: int) -> None:
-    """Deterministic fault hook for tests: FAULT_AT_STEP='N:sigint|sigterm|sigkill|oom|error'."""
+    """Deterministic fault hook for tests: FAULT_AT_STEP='N:sigint|sigterm|sigkill|oom|error|pause=FILE'."""
     spec = os.environ.get("FAULT_AT_STEP")
     if not spec:
         return
-    at, action = spec.split(":")
+    at, action = spec.split(":", 1)
     if int(at) != step:
         return
-    if action in ("sigint", "sigterm", "sigkill"):
+    if action.startswith("pause="):
+        # Create the marker file, then wait until the test deletes it (no sleeps in tests).
+        marker = Path(action.split("=", 1)[1])
+        marker.write_text(str(os.getpid()))
+        while marker.exists():
+            time.sleep(0.05)
+    elif action in ("sigint", "sigterm", "sigkill"):
         os.kill(os.getpid(), {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}[action])
     elif action == "oom":
         raise torch.OutOfMemoryError("injected: DefaultCPUAllocator: can't allocate memory")

@@ -95,6 +95,12 @@ def main(cfg):
                     f"vocab_size {too_high.group(1)} is larger than this corpus supports: "
                     f"SentencePiece reports a maximum of {too_high.group(2)}; nothing was written",
                     f"use VOCAB_SIZE={too_high.group(2)} or less (or a larger corpus)", "tokenizer-failures") from None
+            too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+            if too_low:
+                raise PipelineError(
+                    f"vocab_size {too_low.group(1)} is too small: this corpus has {too_low.group(2)} distinct characters "
+                    f"and special pieces, each needing a piece of its own; nothing was written",
+                    f"use VOCAB_SIZE={too_low.group(2)} or more", "tokenizer-failures") from None
             raise PipelineError(f"SentencePiece training failed: {message.strip()}; nothing was written",
                                 "check the corpus and VOCAB_SIZE", "tokenizer-failures") from None
         seconds = time.perf_counter() - start

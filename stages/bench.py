@@ -1,0 +1,193 @@
+"""Speed benchmark (prints figures; not a test): `make bench` -> artifacts/bench/bench.json.
+
+    make bench
+    python stages/bench.py [--steps 30] [--guard-epochs 3] [--skip-pipeline]
+
+In one run, on this machine:
+1. matmul peak: GFLOP/s of large fp32 and bf16 matrix products (all threads);
+2. training-step tokens/s of the plain eager fp32 path (float32, whole logits at once)
+   and of the default fast path, same model and same batches, and their ratio;
+   model FLOPs utilisation (MFU) of each against the matching measured peak;
+3. quality guard: a short training (--guard-epochs) with each path from the same
+   seed; the fast path's validation loss must be within 1% of the fp32 path's;
+4. wall time and peak RSS of every stage of `make all`, run from a scratch copy of
+   the data (the downloaded corpus and wheel are reused, the torch.compile cache is
+   empty), with the default settings.
+Needs the encoded data and tokenizer of a previous `make all` (or `make encode`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import REPO_ROOT, _load_yaml, DEFAULT_CONFIG, human_bytes, stage_paths, write_json_atomic
+from model import ModelConfig, TinyTransformer
+from train import get_batch, keep_freed_memory, resolve_dtype, window_starts
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Forward + backward FLOPs per trained token (3x the forward's matmul FLOPs)."""
+    d, L, T, V = cfg.d_model, cfg.n_layers, cfg.max_seq_length, cfg.vocab_size
+    per_layer = 2 * (4 * d * d + 2 * cfg.mlp_ratio * d * d) + 2 * 2 * T * d / 2  # projections + causal attention
+    return 3 * (L * per_layer + 2 * d * V)
+
+
+def step_throughput(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torch.dtype, chunk: int, steps: int) -> float:
+    torch.manual_seed(0)
+    T, B = train_cfg["max_seq_length"], train_cfg["batch_size"]
+    mcfg = ModelConfig(vocab_size=vocab, n_layers=train_cfg["n_layers"], d_model=train_cfg["d_model"],
+                       n_heads=train_cfg["n_heads"], mlp_ratio=train_cfg["mlp_ratio"], max_seq_length=T)
+    model = TinyTransformer(mcfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    starts = window_starts(tokens.size, T)
+    rng = np.random.default_rng(0)
+    batches = [get_batch(tokens, rng.choice(starts, B, replace=False), T, "cpu") for _ in range(steps + 3)]
+
+    def step(x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model.loss(x, y, chunk)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for x, y in batches[:3]:
+        step(x, y)
+    start = time.perf_counter()
+    for x, y in batches[3:]:
+        step(x, y)
+    return steps * B * T / (time.perf_counter() - start), mcfg
+
+
+def run_measured(cmd: list[str], env: dict) -> tuple[float, float, int, str]:
+    """Wall seconds, peak RSS (MB) and exit code of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - start, usage.ru_maxrss / 1024, proc.returncode, output
+
+
+def quality_guard(args, paths, scratch: Path) -> dict:
+    results = {}
+    for name, flags in (("fp32_plain", ["--dtype", "float32", "--loss-chunk-tokens", "0"]), ("fast_default", [])):
+        art = scratch / f"guard_{name}"
+        shutil.copytree(paths["tokenizer"], art / "tokenizer")
+        cmd = [sys.executable, "stages/train.py", "--data-dir", args.data_dir, "--artifacts-dir", str(art),
+               "--epochs", str(args.guard_epochs), "--sample-every", "1000", *flags]
+        wall, rss, code, output = run_measured(cmd, dict(os.environ))
+        if code != 0:
+            raise SystemExit(f"quality-guard run {name} failed:\n{output[-2000:]}")
+        history = json.loads((art / "checkpoints" / "history.json").read_text())["epochs"]
+        results[name] = {"val_loss": history[-1]["val_loss"], "wall_s": wall,
+                         "tokens_per_s": float(np.mean([h["tokens_per_s"] for h in history]))}
+        print(f"  {name:>12}: val loss {results[name]['val_loss']:.4f} after {args.guard_epochs} epochs, "
+              f"{results[name]['tokens_per_s'] / 1000:.1f}K tok/s, {wall:.0f}s", flush=True)
+    rel = abs(results["fast_default"]["val_loss"] - results["fp32_plain"]["val_loss"]) / results["fp32_plain"]["val_loss"]
+    results["relative_difference"] = rel
+    results["within_1_percent"] = rel <= 0.01
+    print(f"  val loss difference {rel * 100:.2f}% -> {'PASS' if rel <= 0.01 else 'FAIL'} (<= 1%)", flush=True)
+    return results
+
+
+def pipeline_stages(args, scratch: Path) -> list[dict]:
+    data, art = scratch / "data", scratch / "artifacts"
+    (data / "raw").mkdir(parents=True)
+    src_raw = Path(args.data_dir) / "raw"
+    if (src_raw / "wheels").exists():
+        shutil.copytree(src_raw / "wheels", data / "raw" / "wheels")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor-cache")}  # cold compile cache
+    base = ["--data-dir", str(data), "--artifacts-dir", str(art)]
+    rows = []
+    for script in ("check.py", "download.py", "prepare.py", "train_tokenizer.py", "encode.py", "train.py", "evaluate.py"):
+        extra = ["--min-free-gb", "0.5"] if script == "check.py" else []
+        wall, rss, code, output = run_measured([sys.executable, f"stages/{script}", *base, *extra], env)
+        rows.append({"stage": script, "wall_s": wall, "peak_rss_mb": rss, "exit_code": code})
+        print(f"  {script:<20} {wall:7.1f}s  peak RSS {rss:6.0f} MB", flush=True)
+        if code != 0:
+            print(output[-3000:])
+            break
+    total = sum(r["wall_s"] for r in rows)
+    print(f"  {'total':<20} {total:7.1f}s", flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--artifacts-dir", default="artifacts")
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps per path")
+    parser.add_argument("--guard-epochs", type=int, default=3)
+    parser.add_argument("--skip-guard", action="store_true")
+    parser.add_argument("--skip-pipeline", action="store_true")
+    args = parser.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    keep_freed_memory()
+    paths = stage_paths(vars(args))
+    train_cfg = _load_yaml(args.config)["train"]
+    vocab = json.loads((paths["tokenizer"] / "tokenizer.json").read_text())["vocab_size"]
+    tokens = np.load(paths["encoded"] / "train.npy", mmap_mode="r")
+    report = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                          "cpu_capability": torch.backends.cpu.get_cpu_capability()}}
+
+    print("matmul peak (2048 x 2048, all threads):", flush=True)
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    for name, value in peaks.items():
+        print(f"  {name:>9}: {value:6.0f} GFLOP/s", flush=True)
+    report["matmul_peak_gflops"] = peaks
+
+    fast_dtype = resolve_dtype({"dtype": train_cfg["dtype"], "device": "cpu"})
+    print(f"training step, batch {train_cfg['batch_size']} x {train_cfg['max_seq_length']}, {args.steps} steps:", flush=True)
+    plain, mcfg = step_throughput(train_cfg, vocab, tokens, torch.float32, 0, args.steps)
+    fast, _ = step_throughput(train_cfg, vocab, tokens, fast_dtype, train_cfg["loss_chunk_tokens"], args.steps)
+    fpt = flops_per_token(mcfg)
+    mfu_plain = plain * fpt / (peaks["float32"] * 1e9)
+    mfu_fast = fast * fpt / (peaks["bfloat16" if fast_dtype == torch.bfloat16 else "float32"] * 1e9)
+    print(f"  plain eager fp32: {plain / 1000:6.1f}K tok/s  MFU {mfu_plain * 100:4.1f}% of the fp32 peak", flush=True)
+    print(f"  fast path ({str(fast_dtype).replace('torch.', '')}, chunk {train_cfg['loss_chunk_tokens']}): "
+          f"{fast / 1000:6.1f}K tok/s  MFU {mfu_fast * 100:4.1f}% of the {'bf16' if fast_dtype == torch.bfloat16 else 'fp32'} peak",
+          flush=True)
+    print(f"  speed-up: {fast / plain:.2f}x  ({fpt / 1e6:.1f} MFLOP per token)", flush=True)
+    report["train_step"] = {"plain_fp32_tokens_per_s": plain, "fast_tokens_per_s": fast, "ratio": fast / plain,
+                            "fast_dtype": str(fast_dtype), "flops_per_token": fpt, "mfu_plain": mfu_plain,
+                            "mfu_fast": mfu_fast}
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        scratch = Path(tmp)
+        if not args.skip_guard:
+            print(f"quality guard ({args.guard_epochs} epochs each, same seed):", flush=True)
+            report["quality_guard"] = quality_guard(args, paths, scratch)
+        if not args.skip_pipeline:
+            print("every stage of make all (defaults, cold torch.compile cache):", flush=True)
+            report["stages"] = pipeline_stages(args, scratch)
+    out = paths["bench"] / "bench.json"
+    write_json_atomic(out, report)
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Hyperparameter sweep: train one run per setting and tabulate the results -> artifacts/sweep/.
+
+    make sweep SWEEP="learning_rate=0.0003,0.001 dropout=0,0.1" SWEEP_EPOCHS=20
+    python stages/sweep.py --grid "learning_rate=0.0003,0.001 dropout=0,0.1" --epochs 20
+
+Every combination of the grid is one `stages/train.py` run with those flags, in its
+own folder artifacts/sweep/RUN/ (the tokenizer and token files are shared, never
+rebuilt). The table (results.md, results.json) gives per setting: final and best
+validation loss, the largest eval-mode gap (val - train) over all epochs, final
+train loss and wall time. A finished run is reused, so an interrupted sweep resumes.
+Runs one after another: timings stay comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import REPO_ROOT, stage_paths, write_json_atomic, write_text_atomic
+
+
+def parse_grid(text: str) -> list[dict]:
+    axes = []
+    for part in text.split():
+        key, _, values = part.partition("=")
+        if not values:
+            raise SystemExit(f"error: bad grid entry {part!r}: expected key=value1,value2")
+        axes.append([(key, v) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def run_name(setting: dict) -> str:
+    return "_".join(f"{k}-{v}" for k, v in setting.items()) or "defaults"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", required=True, help='space-separated key=v1,v2 (train.py flag names with _)')
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--artifacts-dir", default="artifacts")
+    parser.add_argument("--extra", default="", help="more train.py flags for every run, e.g. '--seed 2'")
+    args = parser.parse_args()
+
+    paths = stage_paths({"data_dir": args.data_dir, "artifacts_dir": args.artifacts_dir})
+    sweep_dir = Path(args.artifacts_dir) / "sweep"
+    rows = []
+    for setting in parse_grid(args.grid):
+        name = run_name(setting) + f"_epochs-{args.epochs}" + (f"_{args.extra.replace(' ', '').replace('-', '')}" if args.extra else "")
+        run_artifacts = sweep_dir / name
+        (run_artifacts / "tokenizer").mkdir(parents=True, exist_ok=True)
+        for f in paths["tokenizer"].iterdir():
+            shutil.copy2(f, run_artifacts / "tokenizer" / f.name)
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in setting.items()] + ["--epochs", str(args.epochs)]
+        cmd = [sys.executable, str(REPO_ROOT / "stages" / "train.py"), "--data-dir", args.data_dir,
+               "--artifacts-dir", str(run_artifacts), *flags, *args.extra.split()]
+        print(f"[sweep] {name}: {' '.join(cmd[2:])}", flush=True)
+        start = time.perf_counter()
+        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        (run_artifacts / "train.log").write_text(result.stdout)
+        if result.returncode != 0:
+            print(f"[sweep] {name} FAILED (exit {result.returncode}); log: {run_artifacts / 'train.log'}", flush=True)
+            continue
+        epochs = json.loads((run_artifacts / "checkpoints" / "history.json").read_text())["epochs"]
+        row = {"setting": setting, "name": name, "final_val": epochs[-1]["val_loss"],
+               "best_val": min(e["val_loss"] for e in epochs),
+               "best_epoch": min(epochs, key=lambda e: e["val_loss"])["epoch"],
+               "max_gap": max(e["gap"] for e in epochs), "final_train": epochs[-1]["train_loss"],
+               "final_train_eval": epochs[-1]["train_loss_eval"], "wall_s": epochs[-1]["elapsed_s"],
+               "sweep_seconds": time.perf_counter() - start}
+        rows.append(row)
+        print(f"[sweep] {name}: final val {row['final_val']:.3f}, best {row['best_val']:.3f} (epoch {row['best_epoch']}), "
+              f"max gap {row['max_gap']:+.3f}, {row['wall_s']:.0f}s", flush=True)
+
+    old = json.loads((sweep_dir / "results.json").read_text()) if (sweep_dir / "results.json").exists() else []
+    merged = {r["name"]: r for r in old + rows}
+    table = sorted(merged.values(), key=lambda r: r["final_val"])
+    write_json_atomic(sweep_dir / "results.json", table)
+    lines = ["| run | final val | best val (epoch) | max gap | final train | wall s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['final_val']:.3f} | {r['best_val']:.3f} ({r['best_epoch']}) | {r['max_gap']:+.3f} | "
+              f"{r['final_train']:.3f} | {r['wall_s']:.0f} |" for r in table]
+    write_text_atomic(sweep_dir / "results.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
