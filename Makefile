@@ -67,7 +67,7 @@ FLAGS_generate  = $(call flag,--checkpoint,CHECKPOINT) $(call flag,--prompt,PROM
 # A local corpus is an input like any other: editing it reruns the pipeline from download.
 CORPUS_INPUTS = $(if $(CORPUS_PATH),$(if $(wildcard $(CORPUS_PATH)/.),$(wildcard $(CORPUS_PATH)/*.txt),$(wildcard $(CORPUS_PATH))))
 
-.PHONY: help all check download prepare tokenizer encode train evaluate generate bench test venv \
+.PHONY: help all check download prepare tokenizer encode train evaluate generate bench sweep test venv \
         clean-checkpoints clean distclean FORCE
 
 help: ## list targets and variables
@@ -89,6 +89,7 @@ help: ## list targets and variables
 	@echo "             COMPILE=yes|no THREADS=0"
 	@echo "  evaluate   CHECKPOINT=best_model.pt TEMPERATURE=0.8 TOP_K=50 TOP_P=1.0"
 	@echo "  generate   PROMPT='En el principio' MAX_TOKENS=100 TEMPERATURE=0.8 TOP_K=50 SEED=1"
+	@echo "  sweep      SWEEP='learning_rate=0.0003,0.001 dropout=0.0,0.1' SWEEP_EPOCHS=20"
 
 # ---------------------------------------------------------------- environment
 venv: $(VENV_DONE) ## create .venv from requirements.txt
@@ -147,8 +148,13 @@ $(EVAL)/report.json: stages/evaluate.py stages/checkpointing.py $(COMMON) $(PARA
 generate: $(VENV_DONE) ## print a continuation of PROMPT from the trained model
 	$(PY) stages/generate.py $(BASE_FLAGS) $(FLAGS_generate)
 
-bench: $(VENV_DONE) ## speed figures: tokens/s of eager fp32 vs the fast path, MFU, stage times
-	$(PY) stages/bench.py $(BASE_FLAGS)
+bench: $(ENC)/val.json ## speed figures: tokens/s of eager fp32 vs the fast path, MFU, stage times
+	$(PY) stages/bench.py --config '$(CONFIG)' --data-dir '$(DATA_DIR)' --artifacts-dir '$(ARTIFACTS_DIR)'
+
+SWEEP        ?= learning_rate=0.0003,0.001 dropout=0.0,0.1
+SWEEP_EPOCHS ?= 20
+sweep: $(ENC)/val.json ## train one run per SWEEP setting, table in artifacts/sweep/results.md
+	$(PY) stages/sweep.py --grid '$(SWEEP)' --epochs $(SWEEP_EPOCHS) --data-dir '$(DATA_DIR)' --artifacts-dir '$(ARTIFACTS_DIR)'
 
 test: $(VENV_DONE) ## the whole test suite
 	$(PY) -m pytest -q tests

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import REPO_ROOT, _load_yaml, DEFAULT_CONFIG, human_bytes, stage_paths, write_json_atomic
+from common import DEFAULT_CONFIG, REPO_ROOT, load_yaml, stage_paths, write_json_atomic
 from model import ModelConfig, TinyTransformer
 from train import get_batch, keep_freed_memory, resolve_dtype, window_starts
 
@@ -134,6 +134,35 @@ def pipeline_stages(args, scratch: Path) -> list[dict]:
     return rows
 
 
+def size_table(args) -> None:
+    """Tokens/s of the default fast path and peak RSS of a process that trains, per batch x sequence size."""
+    train_cfg = load_yaml(args.config)["train"]
+    paths = stage_paths(vars(args))
+    if args.one_size:  # child process: measure one setting, print JSON
+        torch.set_num_threads(os.cpu_count() or 1)
+        keep_freed_memory()
+        batch, seq = map(int, args.one_size.split("x"))
+        cfg = {**train_cfg, "batch_size": batch, "max_seq_length": seq}
+        vocab = json.loads((paths["tokenizer"] / "tokenizer.json").read_text())["vocab_size"]
+        tokens = np.load(paths["encoded"] / "train.npy", mmap_mode="r")
+        tps, _ = step_throughput(cfg, vocab, tokens, resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"}),
+                                 cfg["loss_chunk_tokens"], args.steps)
+        print(json.dumps({"tokens_per_s": tps}))
+        return
+    rows = []
+    print(f"{'batch x seq':>12} {'tokens/s':>10} {'peak RSS':>10}")
+    for size in args.sizes.split():
+        cmd = [sys.executable, "stages/bench.py", "--one-size", size, "--steps", str(args.steps),
+               "--data-dir", args.data_dir, "--artifacts-dir", args.artifacts_dir, "--config", str(args.config)]
+        wall, rss, code, output = run_measured(cmd, dict(os.environ))
+        if code != 0:
+            raise SystemExit(output[-2000:])
+        tps = json.loads(output.strip().splitlines()[-1])["tokens_per_s"]
+        rows.append({"size": size, "tokens_per_s": tps, "peak_rss_mb": rss})
+        print(f"{size:>12} {tps / 1000:9.1f}K {rss:8.0f} MB", flush=True)
+    write_json_atomic(paths["bench"] / "sizes.json", rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -143,12 +172,17 @@ def main():
     parser.add_argument("--guard-epochs", type=int, default=3)
     parser.add_argument("--skip-guard", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--sizes", type=str, default="",
+                        help="instead: tokens/s and peak RSS per 'BATCHxSEQ' setting, e.g. '16x128 32x128 64x128 32x64'")
+    parser.add_argument("--one-size", type=str, default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_size or args.sizes:
+        return size_table(args)
 
     torch.set_num_threads(os.cpu_count() or 1)
     keep_freed_memory()
     paths = stage_paths(vars(args))
-    train_cfg = _load_yaml(args.config)["train"]
+    train_cfg = load_yaml(args.config)["train"]
     vocab = json.loads((paths["tokenizer"] / "tokenizer.json").read_text())["vocab_size"]
     tokens = np.load(paths["encoded"] / "train.npy", mmap_mode="r")
     report = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,

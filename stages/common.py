@@ -114,7 +114,7 @@ def stage_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_yaml(path: Path) -> dict:
+def load_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
@@ -161,7 +161,7 @@ def resolve_config(parser: argparse.ArgumentParser, stage: str, argv=None, valid
     this stage also reads (only those it has flags for; their owner checks the rest).
     """
     args = parser.parse_args(argv)
-    defaults = _load_yaml(args.config)
+    defaults = load_yaml(args.config)
     errors: list[str] = []
 
     known_sections = {"paths", "check", "download", "prepare", "tokenizer", "encode", "train", "evaluate", "generate"}
