@@ -136,20 +136,31 @@ def load_split(paths, split: str, tokenizer: dict) -> tuple[np.ndarray, dict]:
     return tokens, meta
 
 
-def window_starts(n_tokens: int, seq_len: int) -> np.ndarray:
-    """Starts of non-overlapping windows of seq_len inputs (+1 shifted target each)."""
-    return np.arange(0, max(0, (n_tokens - 1) // seq_len) * seq_len, seq_len, dtype=np.int64)
+def window_starts(n_tokens: int, seq_len: int, offset: int = 0) -> np.ndarray:
+    """Starts of non-overlapping windows of seq_len inputs (+1 shifted target each), from `offset`."""
+    count = max(0, (n_tokens - 1 - offset) // seq_len)
+    return np.arange(offset, offset + count * seq_len, seq_len, dtype=np.int64)
+
+
+def epoch_windows(n_tokens: int, seq_len: int, seed: int, epoch: int) -> np.ndarray:
+    """This epoch's training windows, in this epoch's order.
+
+    The window grid starts at a random offset in [0, seq_len) each epoch: still one
+    pass over the tokens in non-overlapping windows, but a verse is not always cut at
+    the same place nor seen at the same position, so the model cannot memorise
+    (window, position) pairs as easily. Seeded by (seed, epoch): a resumed run gets
+    exactly the same windows.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    offset = int(torch.randint(seq_len, (1,), generator=generator))
+    starts = window_starts(n_tokens, seq_len, offset)
+    return starts[torch.randperm(len(starts), generator=generator).numpy()]
 
 
 def get_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     rows = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
     batch = torch.from_numpy(rows).to(device)
     return batch[:, :-1], batch[:, 1:]
-
-
-def epoch_order(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
-    # A fresh generator per epoch: the order of epoch e never depends on how we got there (exact resume).
-    return torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def lr_at(step: int, cfg: dict, total_steps: int) -> float:
@@ -499,8 +510,9 @@ def main(cfg):
         [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
 
+    windows_per_epoch = [len(epoch_windows(train_tokens.size, T, cfg["seed"], e)) for e in range(cfg["epochs"])]
     steps_per_epoch = math.ceil(len(train_starts) / cfg["batch_size"])
-    total_steps = steps_per_epoch * cfg["epochs"]
+    total_steps = sum(math.ceil(n / cfg["batch_size"]) for n in windows_per_epoch)
     identity = run_identity(cfg, train_meta, val_meta, tokenizer)
     fp = fingerprint(identity)
     run_dir = paths["checkpoints"]
@@ -569,14 +581,14 @@ def main(cfg):
     stop = StopRequest()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    log(f"training {cfg['epochs']} epochs x {steps_per_epoch} steps of {cfg['batch_size']} x {T} tokens "
+    log(f"training {cfg['epochs']} epochs x ~{steps_per_epoch} steps of {cfg['batch_size']} x {T} tokens "
         f"({len(train_starts) * T:,} tokens/epoch); validation {len(val_starts) * T:,} tokens")
     t_run = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
     model.train()
     start_step = step
     for epoch in range(start_epoch, cfg["epochs"]):
-        order = epoch_order(len(train_starts), cfg["seed"], epoch).numpy()
-        batches = [order[i:i + cfg["batch_size"]] for i in range(0, len(order), cfg["batch_size"])]
+        windows = epoch_windows(train_tokens.size, T, cfg["seed"], epoch)
+        batches = [windows[i:i + cfg["batch_size"]] for i in range(0, len(windows), cfg["batch_size"])]
         t_epoch, grad_norms, trained_tokens = time.perf_counter(), [], 0
         bar = tqdm(total=len(batches), initial=position, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
                    disable=None, file=sys.stderr, dynamic_ncols=True)
@@ -591,7 +603,7 @@ def main(cfg):
             lr = lr_at(step, cfg, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = get_batch(train_tokens, train_starts[batches[b]], T, device)
+            x, y = get_batch(train_tokens, batches[b], T, device)
             try:
                 inject_fault(step)
                 try:
