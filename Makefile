@@ -97,7 +97,6 @@ venv: $(VENV_DONE) ## create .venv from requirements.txt
 $(VENV_DONE): requirements.txt
 	@$(PYTHON_SYSTEM) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed to create $(VENV); install it or run make PYTHON_SYSTEM=python3.11")'
 	$(PYTHON_SYSTEM) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $@
 
