@@ -7,7 +7,6 @@ import math
 import os
 import pty
 import select
-import subprocess
 import sys
 import time
 
