@@ -476,7 +476,7 @@ def main(cfg):
 
     tokenizer = read_json(paths["tokenizer"] / "tokenizer.json", "tokenizer sidecar", "run `make tokenizer`")
     if sha256_file(paths["tokenizer"] / "spm.model") != tokenizer["model_sha256"]:
-        raise PipelineError("the tokenizer model does not match its sidecar", "rerun `make tokenizer`",
+        raise PipelineError(f"{paths['tokenizer'] / 'spm.model'} does not match its sidecar tokenizer.json", "rerun `make tokenizer`",
                             "checkpoint-and-tokenizer-mismatch")
     sp = spm.SentencePieceProcessor(model_file=str(paths["tokenizer"] / "spm.model"))
     train_tokens, train_meta = load_split(paths, "train", tokenizer)
