@@ -55,11 +55,14 @@ def check_packages() -> list[str]:
 
 
 def check_disk(cfg) -> list[str]:
-    problems = []
-    for folder in {cfg["data_dir"], cfg["artifacts_dir"]}:
+    problems, seen_devices = [], set()
+    for folder in sorted({cfg["data_dir"], cfg["artifacts_dir"]}):
         path = Path(folder).resolve()
         while not path.exists():
             path = path.parent
+        if path.stat().st_dev in seen_devices:  # same file system: one report is enough
+            continue
+        seen_devices.add(path.stat().st_dev)
         free_gb = shutil.disk_usage(path).free / 1e9
         if free_gb < cfg["min_free_gb"]:
             problems.append(f"only {free_gb:.2f} GB free under {folder}, the run needs {cfg['min_free_gb']:.2f} GB: "
