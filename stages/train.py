@@ -510,9 +510,10 @@ def main(cfg):
         [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
 
-    windows_per_epoch = [len(epoch_windows(train_tokens.size, T, cfg["seed"], e)) for e in range(cfg["epochs"])]
+    # Every epoch's windows, drawn once: the schedule needs their counts, the loop their order.
+    windows_by_epoch = [epoch_windows(train_tokens.size, T, cfg["seed"], e) for e in range(cfg["epochs"])]
     steps_per_epoch = math.ceil(len(train_starts) / cfg["batch_size"])
-    total_steps = sum(math.ceil(n / cfg["batch_size"]) for n in windows_per_epoch)
+    total_steps = sum(math.ceil(len(w) / cfg["batch_size"]) for w in windows_by_epoch)
     identity = run_identity(cfg, train_meta, val_meta, tokenizer)
     fp = fingerprint(identity)
     run_dir = paths["checkpoints"]
@@ -587,7 +588,7 @@ def main(cfg):
     model.train()
     start_step = step
     for epoch in range(start_epoch, cfg["epochs"]):
-        windows = epoch_windows(train_tokens.size, T, cfg["seed"], epoch)
+        windows = windows_by_epoch[epoch]
         batches = [windows[i:i + cfg["batch_size"]] for i in range(0, len(windows), cfg["batch_size"])]
         t_epoch, grad_norms, trained_tokens = time.perf_counter(), [], 0
         bar = tqdm(total=len(batches), initial=position, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
