@@ -12,6 +12,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO))
 from model import ModelConfig, TinyTransformer, sample_next  # noqa: E402
+from model.tiny_transformer import Dropout  # noqa: E402
 
 CFG = ModelConfig(vocab_size=300, n_layers=2, d_model=32, n_heads=4, max_seq_length=24)
 
@@ -81,7 +82,59 @@ def test_forward_loss_matches_loss_method():
     with torch.no_grad():
         _, a = model(x[:, :-1], x[:, 1:])
         b = model.loss(x[:, :-1], x[:, 1:])
+        c = model.loss(x[:, :-1], x[:, 1:], chunk_tokens=5)  # the evaluation path: no gradients computed
     assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_bf16_fast_path_matches_fp32_loss_and_gradients():
+    """Autocast bf16 + chunked loss + bf16 attention: the same loss and gradients as plain fp32, to bf16 precision."""
+    x = torch.randint(0, 300, (4, 21))
+    results = []
+    for fast in (False, True):
+        model = make_model().train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+            loss = model.loss(x[:, :-1], x[:, 1:], chunk_tokens=16 if fast else 0)
+        loss.backward()
+        results.append((loss.item(), model.wte.weight.grad.clone(), model.h[0].attn.c_attn.weight.grad.clone()))
+    (loss_a, wte_a, attn_a), (loss_b, wte_b, attn_b) = results
+    assert abs(loss_a - loss_b) < 0.01 * loss_a
+    for a, b in ((wte_a, wte_b), (attn_a, attn_b)):
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+        assert abs(a.norm() - b.norm()) < 0.05 * a.norm()
+
+
+def test_bf16_attention_is_causal_and_matches_fp32():
+    model = make_model()
+    x = torch.randint(0, 300, (2, 16))
+    y = x.clone()
+    y[:, 9:] = (y[:, 9:] + 5) % 300
+    with torch.no_grad():
+        plain, _ = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_x, _ = model(x)
+            fast_y, _ = model(y)
+    assert torch.allclose(fast_x[:, :9], fast_y[:, :9])  # later tokens never change earlier logits
+    assert (fast_x.float() - plain).abs().max() < 0.05 * plain.abs().max()
+
+
+def test_dropout_zeroes_about_p_rescales_and_reuses_its_mask_in_backward():
+    torch.manual_seed(0)
+    drop = Dropout(0.25).train()
+    x = torch.ones(200, 1000, requires_grad=True)
+    out = drop(x)
+    zeroed = (out == 0).float().mean().item()
+    assert abs(zeroed - 0.25) < 0.01
+    assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / 0.75))
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # gradient flows exactly where the output kept x
+    assert torch.equal(drop.eval()(x), x)
+    try:
+        Dropout(1.0)
+    except ValueError as exc:
+        assert "dropout" in str(exc)
+    else:
+        raise AssertionError("expected ValueError")
 
 
 def test_sampling_filters():
