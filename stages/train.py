@@ -508,7 +508,7 @@ def main(cfg):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
+        lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=device.type == "cpu")
 
     # Every epoch's windows, drawn once: the schedule needs their counts, the loop their order.
     windows_by_epoch = [epoch_windows(train_tokens.size, T, cfg["seed"], e) for e in range(cfg["epochs"])]
