@@ -19,6 +19,7 @@ Needs the encoded data and tokenizer of a previous `make all` (or `make encode`)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ import torch
 
 from common import DEFAULT_CONFIG, REPO_ROOT, load_yaml, stage_paths, write_json_atomic
 from model import ModelConfig, TinyTransformer
-from train import get_batch, keep_freed_memory, resolve_dtype, window_starts
+from train import get_batch, keep_freed_memory, make_optimizer, resolve_dtype, train_step, window_starts
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -54,29 +55,25 @@ def flops_per_token(cfg: ModelConfig) -> float:
 
 
 def step_throughput(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torch.dtype, chunk: int, steps: int) -> float:
+    """Tokens/s of train.py's own training step (same model, dropout and optimizer) on fixed batches."""
     torch.manual_seed(0)
     T, B = train_cfg["max_seq_length"], train_cfg["batch_size"]
     mcfg = ModelConfig(vocab_size=vocab, n_layers=train_cfg["n_layers"], d_model=train_cfg["d_model"],
-                       n_heads=train_cfg["n_heads"], mlp_ratio=train_cfg["mlp_ratio"], max_seq_length=T)
-    model = TinyTransformer(mcfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+                       n_heads=train_cfg["n_heads"], mlp_ratio=train_cfg["mlp_ratio"], dropout=train_cfg["dropout"],
+                       max_seq_length=T)
+    model = TinyTransformer(mcfg).train()
+    optimizer = make_optimizer(model, train_cfg, torch.device("cpu"))
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    loss_fn = functools.partial(model.loss, chunk_tokens=chunk)
     starts = window_starts(tokens.size, T)
     rng = np.random.default_rng(0)
     batches = [get_batch(tokens, rng.choice(starts, B, replace=False), T, "cpu") for _ in range(steps + 3)]
-
-    def step(x, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = model.loss(x, y, chunk)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     for x, y in batches[:3]:
-        step(x, y)
+        train_step(model, optimizer, x, y, autocast, loss_fn, train_cfg["grad_clip"])
     start = time.perf_counter()
     for x, y in batches[3:]:
-        step(x, y)
+        loss, _ = train_step(model, optimizer, x, y, autocast, loss_fn, train_cfg["grad_clip"])
+        loss.item()  # as the training loop does: one sync per step
     return steps * B * T / (time.perf_counter() - start), mcfg
 
 

@@ -62,6 +62,8 @@ def build_parser():
     a("--n-heads", type=int, default=None)
     a("--mlp-ratio", type=int, default=None)
     a("--dropout", type=float, default=None)
+    a("--input-noise", type=float, default=None,
+      help="share of input tokens replaced by random tokens of the training text (targets stay clean)")
     a("--max-seq-length", type=int, default=None, help="tokens per window; the model's context")
     a("--learning-rate", type=float, default=None, help="peak learning rate after warmup")
     a("--min-lr-ratio", type=float, default=None, help="cosine floor as a fraction of the peak")
@@ -104,6 +106,8 @@ def validate(cfg):
         errors.append(f"d_model ({cfg['d_model']}) must be divisible by n_heads ({cfg['n_heads']})")
     if not 0 <= cfg["dropout"] < 1:
         errors.append(f"dropout (--dropout) must be within [0, 1), got {cfg['dropout']}")
+    if not 0 <= cfg["input_noise"] < 1:
+        errors.append(f"input_noise (--input-noise) must be within [0, 1), got {cfg['input_noise']}")
     if not 0 <= cfg["min_lr_ratio"] <= 1:
         errors.append(f"min_lr_ratio (--min-lr-ratio) must be within [0, 1], got {cfg['min_lr_ratio']}")
     for key in ("beta1", "beta2"):
@@ -163,6 +167,23 @@ def get_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int, device) -> t
     return batch[:, :-1], batch[:, 1:]
 
 
+def noise_inputs(x: torch.Tensor, tokens: np.ndarray, rate: float) -> torch.Tensor:
+    """Unigram input noising (Xie et al., 2017, "Data noising as smoothing in neural network
+    language models"): each input token is replaced, with probability `rate`, by the token
+    at a random position of the training text, i.e. a draw from its unigram distribution.
+    The targets stay clean, so the model must predict from a context it cannot fully
+    trust: a regulariser against memorising exact token sequences. Uses torch's global
+    generator, which checkpoints save and restore.
+    """
+    if rate <= 0:
+        return x
+    replace = torch.rand(x.shape) < rate
+    positions = torch.randint(tokens.size, (int(replace.sum()),)).numpy()
+    noisy = x.clone()
+    noisy[replace] = torch.from_numpy(tokens[positions].astype(np.int64)).to(x.device)
+    return noisy
+
+
 def lr_at(step: int, cfg: dict, total_steps: int) -> float:
     """Linear warmup to the peak, then cosine decay to peak * min_lr_ratio at the last step."""
     peak, floor = cfg["learning_rate"], cfg["learning_rate"] * cfg["min_lr_ratio"]
@@ -171,6 +192,29 @@ def lr_at(step: int, cfg: dict, total_steps: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup - 1)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, cfg: dict, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on the matrices (embeddings included), not on biases and LayerNorm gains."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=device.type == "cpu")
+
+
+def train_step(model, optimizer, x, y, autocast, loss_fn, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step: forward and loss, backward, clip the global gradient norm, AdamW update.
+
+    Returns the loss and the gradient norm before clipping (grad_clip <= 0: no clipping).
+    """
+    with autocast():
+        loss = loss_fn(x, y)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, norm
 
 
 @torch.no_grad()
@@ -504,11 +548,7 @@ def main(cfg):
         f"{'bf16 autocast' if amp_dtype == torch.bfloat16 else 'float32'}, compile {'on' if cfg['compile'] else 'off'}")
     check_memory(cfg, n_params, mcfg.vocab_size)
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=device.type == "cpu")
+    optimizer = make_optimizer(model, cfg, device)
 
     # Every epoch's windows, drawn once: the schedule needs their counts, the loop their order.
     windows_by_epoch = [epoch_windows(train_tokens.size, T, cfg["seed"], e) for e in range(cfg["epochs"])]
@@ -552,7 +592,6 @@ def main(cfg):
     loss_fn = functools.partial(model.loss, chunk_tokens=cfg["loss_chunk_tokens"])
     if cfg["compile"]:
         model.enable_compile()  # compiles lazily, at the first step (see the fallback there)
-    params = [p for p in model.parameters()]
 
     def payload(kind: str, epoch: int, pos: int) -> dict:
         py_state = random.getstate()
@@ -605,24 +644,20 @@ def main(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = get_batch(train_tokens, batches[b], T, device)
+            x = noise_inputs(x, train_tokens, cfg["input_noise"])
             try:
                 inject_fault(step)
                 try:
-                    with autocast():
-                        loss = loss_fn(x, y)
+                    loss, norm = train_step(model, optimizer, x, y, autocast, loss_fn, cfg["grad_clip"])
                 except Exception as exc:
-                    if not cfg["compile"] or step > start_step:
+                    if not cfg["compile"] or step > start_step or isinstance(exc, torch.OutOfMemoryError):
                         raise
                     # torch.compile is an optimisation, never a reason to fail: fall back to eager.
                     log(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
                         f"continuing in eager mode")
                     model.disable_compile()
-                    with autocast():
-                        loss = loss_fn(x, y)
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, norm = train_step(model, optimizer, x, y, autocast, loss_fn, cfg["grad_clip"])
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if "memory" not in str(exc).lower():
                     raise
