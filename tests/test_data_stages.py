@@ -33,6 +33,21 @@ def test_local_corpus_folder_keeps_files_apart(workspace, tmp_path):
     assert text == "first file line one\nline two\n\nsecond file\n"
 
 
+def test_local_corpus_folder_of_html_becomes_text_one_document_per_section(workspace, tmp_path):
+    folder = tmp_path / "manual"
+    folder.mkdir()
+    (folder / "ch01.en.html").write_text(
+        "<html><head><title>Manual</title><style>p {color: red}</style><script>var x = 1;</script></head>"
+        "<body><h1>Tutorials</h1><p>Read the <b>fine</b>\n manual &amp; enjoy.</p><ul><li>one</li><li>two</li></ul>"
+        "<h2>Shell</h2><pre>$ ls -l\n$ cd /tmp</pre><p>Done.</p></body></html>", encoding="utf-8")
+    (folder / "ch02.txt").write_text("plain text file\n", encoding="utf-8")
+    workspace.run("download.py", "--corpus-path", folder)
+    text = (workspace.data / "raw" / "corpus.txt").read_text(encoding="utf-8")
+    assert text == ("Manual\n\nTutorials\nRead the fine manual & enjoy.\none\ntwo\n\n"
+                    "Shell\n$ ls -l\n$ cd /tmp\nDone.\n\nplain text file\n")
+    assert json.loads((workspace.data / "raw" / "corpus.json").read_text())["documents"] == 4
+
+
 def test_prepare_splits_by_document_90_10(workspace, corpus_file):
     workspace.run("download.py", "--corpus-path", corpus_file)
     out = workspace.run("prepare.py")
