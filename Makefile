@@ -162,10 +162,14 @@ test: $(VENV_DONE) ## the whole test suite
 clean-checkpoints: ## remove checkpoints and trained models only (incl. runs moved aside)
 	rm -rf $(CKPT) $(ARTIFACTS_DIR)/checkpoints-archive
 
-clean: ## remove generated data and artifacts; keep the downloaded corpus and the venv
-	rm -rf $(PREP) $(ENC) $(ARTIFACTS_DIR)
+# Sweep tables and benchmark figures take hours to remake: only distclean removes them.
+KEPT_BY_CLEAN = $(ARTIFACTS_DIR)/sweep $(ARTIFACTS_DIR)/bench
+
+clean: ## remove generated data and artifacts; keep the corpus, the venv, sweep and bench results
+	rm -rf $(PREP) $(ENC) $(ARTIFACTS_DIR)/.train.lock \
+	  $(filter-out $(KEPT_BY_CLEAN),$(wildcard $(ARTIFACTS_DIR)/*))
 
 distclean: clean ## remove everything generated, the corpus and the venv too
-	rm -rf $(RAW) $(VENV)
+	rm -rf $(RAW) $(VENV) $(ARTIFACTS_DIR)
 
 FORCE:

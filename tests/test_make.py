@@ -74,6 +74,14 @@ def test_make_all_then_only_what_changed_rebuilds(project):
     assert (proj / "artifacts" / "tokenizer" / "spm.model").exists() and (proj / "data" / "encoded" / "train.npy").exists()
     assert ran(make(proj, "all", *tiny, "VOCAB_SIZE=310").stdout) == ["train.py", "evaluate.py"]
 
+    sweep_table = proj / "artifacts" / "sweep" / "results.md"
+    sweep_table.parent.mkdir()
+    sweep_table.write_text("| run | final val |\n", encoding="utf-8")
+    make(proj, "clean", *tiny)
+    assert sweep_table.exists(), "make clean keeps sweep results"
+    assert not (proj / "artifacts" / "checkpoints").exists() and not (proj / "data" / "encoded").exists()
+    assert (proj / "data" / "raw" / "corpus.txt").exists()
+
 
 def test_failed_stage_leaves_nothing_up_to_date(project, tmp_path):
     proj, tiny, _ = project
