@@ -70,6 +70,21 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lrs[60] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 50 / 99)))
 
 
+def test_input_noise_swaps_about_the_rate_for_tokens_of_the_text_and_leaves_the_batch_alone():
+    import numpy as np
+    from train import get_batch, noise_inputs
+    text = np.arange(1000, 3000, dtype=np.uint16)
+    x, y = get_batch(text, np.array([0, 500, 1000]), 300, "cpu")
+    before_x, before_y = x.clone(), y.clone()
+    torch.manual_seed(0)
+    noisy = noise_inputs(x, text, 0.2)
+    changed = noisy != x
+    assert 0.15 < changed.float().mean().item() < 0.25
+    assert ((noisy[changed] >= 1000) & (noisy[changed] < 3000)).all()  # drawn from the text itself
+    assert torch.equal(x, before_x) and torch.equal(y, before_y)  # targets (a view of the same rows) stay clean
+    assert noise_inputs(x, text, 0.0) is x
+
+
 def test_gradient_clipping_is_applied_and_logged(encoded):
     encoded.run("train.py", *TINY_TRAIN, "--epochs", "1", "--grad-clip", "0.01")
     entry = epochs_of(encoded)[0]
