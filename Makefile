@@ -83,7 +83,7 @@ help: ## list targets and variables
 	@echo "             ENGLISH_SHARE=0.5 PACKAGE_INDEX_ARGS=<extra pip options>"
 	@echo "  prepare    VAL_FRACTION=0.1 SPLIT_SEED=1234"
 	@echo "  tokenizer  VOCAB_SIZE=8000"
-	@echo "  train      LR=0.0006 EPOCHS=20 BATCH_SIZE=32 SEQ_LEN=128 WARMUP=100 MIN_LR_RATIO=0.1 DROPOUT=0.1"
+	@echo "  train      LR=0.0015 EPOCHS=20 BATCH_SIZE=64 SEQ_LEN=128 WARMUP=100 MIN_LR_RATIO=0.1 DROPOUT=0.1 INPUT_NOISE=0.2"
 	@echo "             WEIGHT_DECAY=0.1 GRAD_CLIP=1.0 SEED=1337 N_LAYERS=2 D_MODEL=128 N_HEADS=4"
 	@echo "             CHECKPOINT_EVERY=5 SAMPLE_EVERY=5 RESUME=auto|yes|no DEVICE=cpu DTYPE=auto|float32|bfloat16"
 	@echo "             COMPILE=yes|no THREADS=0"
