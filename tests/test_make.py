@@ -104,6 +104,23 @@ def test_help_lists_targets_and_variables(project):
         assert word in out, word
 
 
+def test_help_shows_the_training_defaults_of_the_yaml(project):
+    import re
+
+    import yaml
+    proj, _, _ = project
+    out = make(proj, "help").stdout
+    start = out.index("  train      LR=")
+    train_lines = out[start:out.index("  evaluate   ", start)]
+    shown = dict(re.findall(r"\b([A-Z_]+)=([0-9.]+)\b", train_lines))
+    train = yaml.safe_load((proj / "config" / "defaults.yaml").read_text())["train"]
+    for variable, key in (("LR", "learning_rate"), ("EPOCHS", "epochs"), ("BATCH_SIZE", "batch_size"),
+                          ("SEQ_LEN", "max_seq_length"), ("WARMUP", "warmup_steps"), ("MIN_LR_RATIO", "min_lr_ratio"),
+                          ("DROPOUT", "dropout"), ("INPUT_NOISE", "input_noise"), ("WEIGHT_DECAY", "weight_decay"),
+                          ("GRAD_CLIP", "grad_clip"), ("SEED", "seed")):
+        assert float(shown[variable]) == float(train[key]), f"make help shows {variable}={shown[variable]}, YAML {train[key]}"
+
+
 def test_check_reports_each_problem_with_a_fix(project, tmp_path):
     proj, tiny, _ = project
     tiny = [v for v in tiny if not v.startswith(("CORPUS_PATH=", "MIN_FREE_GB="))]
