@@ -4,8 +4,11 @@
     python stages/evaluate.py --checkpoint best_model.pt --temperature 0.8 --top-k 50
 
 Validation loss, perplexity and bits per byte over the whole validation split;
-samples from fixed English and Spanish prompts, scored for language (a small
-stopword identifier), repetition and diversity (SC-009, SC-010); inference speed
+samples from English and Spanish prompts, scored for language (a small
+stopword identifier), repetition and diversity (SC-009, SC-010). The prompts are the
+YAML's for the default corpus; for your own corpus (CORPUS_PATH / CORPUS_URL) they are
+the opening words of validation documents in each language, so the samples are judged
+on text like the one trained on (prompt_source: auto | config | corpus); inference speed
 and memory measured in a fresh process that only loads the model and generates
 (stages/generate.py --latency-steps); plots drawn from history.json; every spec
 check reported pass/fail with its figure. Exits 0 even when a check fails: the
@@ -46,6 +49,8 @@ def build_parser():
     p.add_argument("--sample-tokens", type=int, default=None, help="new tokens per sample")
     p.add_argument("--eval-seed", type=int, default=None)
     p.add_argument("--latency-steps", type=int, default=None, help="next-token steps timed (>= 200 for the report)")
+    p.add_argument("--prompt-source", type=str, default=None, choices=["auto", "config", "corpus"],
+                   help="auto: the YAML prompts for the default corpus, else opening words of validation documents")
     p.add_argument("--prompts-en", type=str, nargs="+", default=None)
     p.add_argument("--prompts-es", type=str, nargs="+", default=None)
     return p
@@ -91,6 +96,46 @@ def repetition_metrics(token_ids: list[int], text: str) -> dict:
     return {"repeated_3gram_share": repeated_share, "max_repeat_run": longest,
             "distinct_1": len(set(w)) / len(w) if w else 0.0,
             "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0}
+
+
+def corpus_prompts(val_text: str, per_language: int, prompt_words: int = 4) -> dict[str, list[str]]:
+    """Opening words of sentences from the validation split, up to `per_language` per language.
+
+    A candidate line starts with a letter and has at least prompt_words + 2 words (a
+    sentence rather than a heading, a number or a table row); its language is told by
+    identify_language. At most one prompt per language is taken from each document,
+    so the prompts come from as many documents as possible, in file order.
+    """
+    prompts: dict[str, list[str]] = {"en": [], "es": []}
+    for document in val_text.split("\n\n"):
+        taken = set()
+        for line in document.splitlines():
+            line_words = line.split()
+            if len(line_words) < prompt_words + 2 or not line.lstrip()[:1].isalpha():
+                continue
+            lang = identify_language(line)
+            if lang not in prompts or lang in taken or len(prompts[lang]) >= per_language:
+                continue
+            opening = " ".join(line_words[:prompt_words])
+            if opening not in prompts[lang]:
+                prompts[lang].append(opening)
+                taken.add(lang)
+    return prompts
+
+
+def choose_prompts(cfg: dict, paths: dict) -> tuple[dict[str, list[str]], str]:
+    """Prompts per language and where they come from (see the module docstring)."""
+    configured = {"en": cfg["prompts_en"], "es": cfg["prompts_es"]}
+    source = cfg["prompt_source"]
+    if source == "auto":
+        given = {"prompts_en", "prompts_es"} & set(cfg.get("_overridden", []))
+        corpus_kind = read_json(paths["raw"] / "corpus.json", "corpus sidecar", "run `make download`")["source"]["kind"]
+        source = "config" if given or corpus_kind == "wheel" else "corpus"
+    if source == "config":
+        return configured, "config"
+    val_text = (paths["prepared"] / "val.txt").read_text(encoding="utf-8")
+    found = corpus_prompts(val_text, max(len(configured["en"]), len(configured["es"]), 1))
+    return found, "validation documents"
 
 
 # ----------------------------------------------------------------------------- plots
@@ -203,8 +248,10 @@ def main(cfg):
     log(f"validation: loss {val_loss:.4f} nats/token, perplexity {math.exp(val_loss):.1f}, "
         f"{val_bpb:.4f} bits/byte ({time.perf_counter() - start:.1f}s)")
 
+    prompts_by_language, prompt_origin = choose_prompts(cfg, paths)
+    log(f"prompts from {prompt_origin}: " + "; ".join(f"{lang} {p!r}" for lang, ps in prompts_by_language.items() for p in ps))
     samples = []
-    for lang, prompts in (("en", cfg["prompts_en"]), ("es", cfg["prompts_es"])):
+    for lang, prompts in prompts_by_language.items():
         for i, prompt in enumerate(prompts):
             prompt_ids = sp.encode(prompt)
             gen = torch.Generator().manual_seed(cfg["eval_seed"] + i)
@@ -239,7 +286,8 @@ def main(cfg):
                     "val_tokens": val_meta["tokens"], "val_bytes": val_meta["source_bytes"],
                     "final_train_loss": history[-1]["train_loss"], "final_train_loss_eval": history[-1]["train_loss_eval"],
                     "final_gap": history[-1]["gap"]},
-        "sampling": {k: cfg[k] for k in ("temperature", "top_k", "top_p", "sample_tokens", "eval_seed")},
+        "sampling": {**{k: cfg[k] for k in ("temperature", "top_k", "top_p", "sample_tokens", "eval_seed")},
+                     "prompts_from": prompt_origin},
         "samples": samples, "language_mix": mix, "inference": latency, "checks": checks,
         "all_checks_passed": all(c["passed"] for c in checks), "plots": plots,
     }
