@@ -34,7 +34,9 @@ TOK      := $(ARTIFACTS_DIR)/tokenizer
 CKPT     := $(ARTIFACTS_DIR)/checkpoints
 EVAL     := $(ARTIFACTS_DIR)/eval
 PARAMS   := $(ARTIFACTS_DIR)/params
-COMMON   := stages/common.py $(CONFIG)
+# Code every stage imports. (The YAML is not listed: it reaches each stage through its
+# parameter file, so editing one section reruns only the stages that read it.)
+COMMON   := stages/common.py
 
 # ---------------------------------------------------------------- variables -> flags
 # Empty means "use config/defaults.yaml". `$(call flag,--x,VAR)` adds `--x 'value'` when VAR is set.

@@ -48,7 +48,9 @@ class _DropoutFunction(torch.autograd.Function):
         n = x.numel()
         bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= -32768 + round(p * 65536)
-        scaled_mask = keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+        # one pass from the comparison to the scaled mask in x's dtype
+        scale = torch.tensor(1.0 / (1.0 - p), dtype=x.dtype, device=x.device)
+        scaled_mask = torch.where(keep, scale, torch.zeros((), dtype=x.dtype, device=x.device))
         ctx.save_for_backward(scaled_mask)
         return x * scaled_mask
 

@@ -77,14 +77,33 @@ def step_throughput(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torc
     return steps * B * T / (time.perf_counter() - start), mcfg
 
 
+# Runs a Python script as __main__ and, at exit, writes its own peak RSS (VmHWM) to the
+# file named by BENCH_PEAK_RSS_FILE. The rusage of a child is no use here: a process
+# forked from this one starts with this process's (large) high-water mark.
+PEAK_RSS_WRAPPER = """
+import atexit, os, runpy, sys
+def _report():
+    with open('/proc/self/status') as status:
+        kb = next(int(line.split()[1]) for line in status if line.startswith('VmHWM:'))
+    with open(os.environ['BENCH_PEAK_RSS_FILE'], 'w') as out:
+        out.write(str(kb))
+atexit.register(_report)
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as `python script.py` would have it
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
 def run_measured(cmd: list[str], env: dict) -> tuple[float, float, int, str]:
-    """Wall seconds, peak RSS (MB) and exit code of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - start, usage.ru_maxrss / 1024, proc.returncode, output
+    """Wall seconds, peak RSS (MB) and exit code of one Python script run as a child process."""
+    with tempfile.NamedTemporaryFile(prefix="bench-rss-") as rss_file:
+        env = {**env, "BENCH_PEAK_RSS_FILE": rss_file.name}
+        start = time.perf_counter()
+        proc = subprocess.run([cmd[0], "-c", PEAK_RSS_WRAPPER, *cmd[1:]], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wall = time.perf_counter() - start
+        text = Path(rss_file.name).read_text().strip()
+    return wall, int(text) / 1024 if text else float("nan"), proc.returncode, proc.stdout
 
 
 def quality_guard(args, paths, scratch: Path) -> dict:

@@ -66,6 +66,10 @@ def test_make_all_then_only_what_changed_rebuilds(project):
     changed = make(proj, "all", *tiny, "VOCAB_SIZE=310")
     assert ran(changed.stdout) == STAGES[1:]
 
+    yaml_file = proj / "config" / "defaults.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("  temperature: 0.8", "  temperature: 0.7", 1))
+    assert ran(make(proj, "all", *tiny, "VOCAB_SIZE=310").stdout) == ["evaluate.py"], "a YAML edit reruns only its stage"
+
     corpus.write_text(make_corpus_text(seed=1), encoding="utf-8")
     assert ran(make(proj, "all", *tiny, "VOCAB_SIZE=310").stdout) == STAGES, "an edited corpus reruns everything"
 
