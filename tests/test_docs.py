@@ -27,7 +27,7 @@ TINY_OVERRIDES = {
     "n_heads: 4": "n_heads: 2",
     "n_layers: 2": "n_layers: 1",
     "max_seq_length: 128": "max_seq_length: 32",
-    "batch_size: 32": "batch_size: 16",
+    "batch_size: 64 ": "batch_size: 16 ",
     "epochs: 20": "epochs: 1",
     "min_free_gb: 2.0": "min_free_gb: 0.01",
     "dtype: auto": "dtype: float32",
