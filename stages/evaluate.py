@@ -7,7 +7,7 @@ Validation loss, perplexity and bits per byte over the whole validation split;
 samples from English and Spanish prompts, scored for language (a small
 stopword identifier), repetition and diversity (SC-009, SC-010). The prompts are the
 YAML's for the default corpus; for your own corpus (CORPUS_PATH / CORPUS_URL) they are
-the opening words of validation documents in each language, so the samples are judged
+the opening words of validation sentences in each language, so the samples are judged
 on text like the one trained on (prompt_source: auto | config | corpus); inference speed
 and memory measured in a fresh process that only loads the model and generates
 (stages/generate.py --latency-steps); plots drawn from history.json; every spec
@@ -50,7 +50,7 @@ def build_parser():
     p.add_argument("--eval-seed", type=int, default=None)
     p.add_argument("--latency-steps", type=int, default=None, help="next-token steps timed (>= 200 for the report)")
     p.add_argument("--prompt-source", type=str, default=None, choices=["auto", "config", "corpus"],
-                   help="auto: the YAML prompts for the default corpus, else opening words of validation documents")
+                   help="auto: the YAML prompts for the default corpus, else opening words of validation sentences")
     p.add_argument("--prompts-en", type=str, nargs="+", default=None)
     p.add_argument("--prompts-es", type=str, nargs="+", default=None)
     return p
