@@ -38,14 +38,20 @@ def test_local_corpus_folder_of_html_becomes_text_one_document_per_section(works
     folder.mkdir()
     (folder / "ch01.en.html").write_text(
         "<html><head><title>Manual</title><style>p {color: red}</style><script>var x = 1;</script></head>"
-        "<body><h1>Tutorials</h1><p>Read the <b>fine</b>\n manual &amp; enjoy.</p><ul><li>one</li><li>two</li></ul>"
-        "<h2>Shell</h2><pre>$ ls -l\n$ cd /tmp</pre><p>Done.</p></body></html>", encoding="utf-8")
+        "<body><div class=\"navheader\"><a href=\"ch00.html\">Prev</a> <a href=\"ch02.html\">Next</a></div>"
+        "<h1>Tutorials</h1><div class=\"toc\"><p><b>Table of Contents</b></p><dl><dt>1.1. Shell</dt>"
+        "<dd><div class=\"toc\">nested 1.1.1.</div></dd></dl></div>"
+        "<p>Read the <b>fine</b>\n manual &amp; enjoy.</p><ul><li>one</li><li>two</li></ul>"
+        "<nav><ul><li>Home</li></ul></nav><div class=\"list-of-tables\">Table 1.1. List of tools</div>"
+        "<h2>Shell</h2><pre>$ ls -l\n$ cd /tmp</pre><p>Done.</p><div id=\"sidebar\">ads</div>"
+        "<p class=\"guimenu tip\">Menus stay.</p></body></html>", encoding="utf-8")
     (folder / "ch02.txt").write_text("plain text file\n", encoding="utf-8")
     workspace.run("download.py", "--corpus-path", folder)
     text = (workspace.data / "raw" / "corpus.txt").read_text(encoding="utf-8")
-    assert text == ("Manual\n\nTutorials\nRead the fine manual & enjoy.\none\ntwo\n\n"
-                    "Shell\n$ ls -l\n$ cd /tmp\nDone.\n\nplain text file\n")
-    assert json.loads((workspace.data / "raw" / "corpus.json").read_text())["documents"] == 4
+    # The <head>, navigation and tables of contents are dropped: only the pages' prose is left.
+    assert text == ("Tutorials\nRead the fine manual & enjoy.\none\ntwo\n\n"
+                    "Shell\n$ ls -l\n$ cd /tmp\nDone.\nMenus stay.\n\nplain text file\n")
+    assert json.loads((workspace.data / "raw" / "corpus.json").read_text())["documents"] == 3
 
     (folder / "ch03.html").write_bytes("<p>Página en latin1</p>".encode("latin-1"))
     result = workspace.run("download.py", "--corpus-path", folder, check=False)
