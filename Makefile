@@ -85,7 +85,7 @@ help: ## list targets and variables
 	@echo "             ENGLISH_SHARE=0.5 PACKAGE_INDEX_ARGS=<extra pip options>"
 	@echo "  prepare    VAL_FRACTION=0.1 SPLIT_SEED=1234"
 	@echo "  tokenizer  VOCAB_SIZE=8000"
-	@echo "  train      LR=0.0015 EPOCHS=20 BATCH_SIZE=64 SEQ_LEN=128 WARMUP=100 MIN_LR_RATIO=0.1 DROPOUT=0.1 INPUT_NOISE=0.2"
+	@echo "  train      LR=0.0015 EPOCHS=20 BATCH_SIZE=64 SEQ_LEN=128 WARMUP=100 MIN_LR_RATIO=0.1 DROPOUT=auto INPUT_NOISE=0.2"
 	@echo "             WEIGHT_DECAY=0.1 GRAD_CLIP=1.0 SEED=1337 N_LAYERS=2 D_MODEL=128 N_HEADS=4"
 	@echo "             CHECKPOINT_EVERY=5 SAMPLE_EVERY=5 RESUME=auto|yes|no DEVICE=cpu DTYPE=auto|float32|bfloat16"
 	@echo "             COMPILE=yes|no THREADS=0"
@@ -139,11 +139,11 @@ $(ENC)/train.npy $(ENC)/train.json $(ENC)/val.npy $(ENC)/val.json &: stages/enco
 	$(PY) stages/encode.py $(BASE_FLAGS) $(FLAGS_encode)
 
 train: $(CKPT)/train_done.json ## 5. train the model -> artifacts/checkpoints/
-$(CKPT)/train_done.json: stages/train.py stages/checkpointing.py $(wildcard model/*.py) $(COMMON) $(PARAMS)/train.json $(ENC)/train.npy $(ENC)/val.npy $(TOK)/spm.model
+$(CKPT)/train_done.json: stages/train.py stages/checkpointing.py stages/language.py $(wildcard model/*.py) $(COMMON) $(PARAMS)/train.json $(ENC)/train.npy $(ENC)/val.npy $(TOK)/spm.model $(RAW)/corpus.json $(PREP)/val.txt
 	$(PY) stages/train.py $(BASE_FLAGS) $(FLAGS_train)
 
 evaluate: $(EVAL)/report.json ## 6. report, plots, samples, latency -> artifacts/eval/
-$(EVAL)/report.json: stages/evaluate.py stages/checkpointing.py $(COMMON) $(PARAMS)/evaluate.json $(CKPT)/train_done.json $(ENC)/val.npy
+$(EVAL)/report.json: stages/evaluate.py stages/checkpointing.py stages/language.py $(COMMON) $(PARAMS)/evaluate.json $(CKPT)/train_done.json $(ENC)/val.npy
 	$(PY) stages/evaluate.py $(BASE_FLAGS) $(FLAGS_evaluate)
 
 generate: $(VENV_DONE) ## print a continuation of PROMPT from the trained model

@@ -34,7 +34,8 @@ import torch
 
 from common import DEFAULT_CONFIG, REPO_ROOT, load_yaml, stage_paths, write_json_atomic
 from model import ModelConfig, TinyTransformer
-from train import get_batch, keep_freed_memory, make_optimizer, resolve_dtype, train_step, window_starts
+from train import (get_batch, keep_freed_memory, make_optimizer, resolve_dropout, resolve_dtype, train_step,
+                   window_starts)
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -59,7 +60,8 @@ def step_throughput(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torc
     torch.manual_seed(0)
     T, B = train_cfg["max_seq_length"], train_cfg["batch_size"]
     mcfg = ModelConfig(vocab_size=vocab, n_layers=train_cfg["n_layers"], d_model=train_cfg["d_model"],
-                       n_heads=train_cfg["n_heads"], mlp_ratio=train_cfg["mlp_ratio"], dropout=train_cfg["dropout"],
+                       n_heads=train_cfg["n_heads"], mlp_ratio=train_cfg["mlp_ratio"],
+                       dropout=resolve_dropout(train_cfg["dropout"], tokens.size)[0],
                        max_seq_length=T)
     model = TinyTransformer(mcfg).train()
     optimizer = make_optimizer(model, train_cfg, torch.device("cpu"))

@@ -148,6 +148,9 @@ def _coerce(key: str, action: argparse.Action, value, errors: list[str]):
                 raise ValueError
             return float(value)
         return value if kind is None else kind(value)
+    except argparse.ArgumentTypeError as exc:  # a flag type with its own message
+        errors.append(f"{key}: {exc}")
+        return value
     except (TypeError, ValueError):
         errors.append(f"{key}: expected {getattr(kind, '__name__', 'a value')}, got {value!r}")
         return value

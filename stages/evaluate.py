@@ -28,13 +28,8 @@ from pathlib import Path
 
 from common import (PipelineError, log, log_config, read_json, resolve_config, run_stage, stage_parser, stage_paths,
                     write_json_atomic, write_text_atomic, atomic_path)
+from language import corpus_prompts, identify_language, words
 
-STOPWORDS = {
-    "en": set("the and of to in that he shall unto for his a they be is him not them it with all thou thy was which "
-              "my me but ye their have this from as are were by upon i you said will there when out".split()),
-    "es": set("de la que el y en los las a por con no su se del al sus lo le para como es mi fué dijo pues sobre "
-              "porque entre ni ha sino hasta yo él tu te vosotros ellos".split()),
-}
 # Floors from the spec (SC-003, SC-009, SC-010, SC-012) and its on-device targets.
 LIMITS = {"val_loss": 5.0, "gap": 0.5, "max_repeat_run": 3, "repeated_3gram_share": 0.25, "p95_ms": 250.0,
           "rss_mb": 400.0, "peak_rss_mb": 512.0, "tokens_per_s": 100.0}
@@ -69,20 +64,6 @@ def validate(cfg):
 # ----------------------------------------------------------------------------- sample metrics
 
 
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-záéíóúñü]+", text.lower())
-
-
-def identify_language(text: str) -> str:
-    """'en', 'es' or 'unknown': whichever stopword list covers more of the words."""
-    tokens = words(text)
-    hits = {lang: sum(w in stop for w in tokens) for lang, stop in STOPWORDS.items()}
-    if re.search(r"[ñ¿¡áéíóú]", text.lower()):
-        hits["es"] += 2
-    best = max(hits, key=hits.get)
-    return best if hits[best] >= 2 and hits[best] > min(hits.values()) else "unknown"
-
-
 def repetition_metrics(token_ids: list[int], text: str) -> dict:
     """Degeneracy measures: repeated 3-grams, the longest run of one token, distinct-n of words."""
     grams = [tuple(token_ids[i:i + 3]) for i in range(len(token_ids) - 2)]
@@ -96,31 +77,6 @@ def repetition_metrics(token_ids: list[int], text: str) -> dict:
     return {"repeated_3gram_share": repeated_share, "max_repeat_run": longest,
             "distinct_1": len(set(w)) / len(w) if w else 0.0,
             "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0}
-
-
-def corpus_prompts(val_text: str, per_language: int, prompt_words: int = 4) -> dict[str, list[str]]:
-    """Opening words of sentences from the validation split, up to `per_language` per language.
-
-    A candidate line starts with a letter and has at least prompt_words + 2 words (a
-    sentence rather than a heading, a number or a table row); its language is told by
-    identify_language. At most one prompt per language is taken from each document,
-    so the prompts come from as many documents as possible, in file order.
-    """
-    prompts: dict[str, list[str]] = {"en": [], "es": []}
-    for document in val_text.split("\n\n"):
-        taken = set()
-        for line in document.splitlines():
-            line_words = line.split()
-            if len(line_words) < prompt_words + 2 or not line.lstrip()[:1].isalpha():
-                continue
-            lang = identify_language(line)
-            if lang not in prompts or lang in taken or len(prompts[lang]) >= per_language:
-                continue
-            opening = " ".join(line_words[:prompt_words])
-            if opening not in prompts[lang]:
-                prompts[lang].append(opening)
-                taken.add(lang)
-    return prompts
 
 
 def choose_prompts(cfg: dict, paths: dict) -> tuple[dict[str, list[str]], str]:

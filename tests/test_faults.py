@@ -135,8 +135,18 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_good_one(encoded):
 
 
 def test_garbage_checkpoint_is_named_in_the_error(trained, tmp_path):
+    import random
+    import sys
+    sys.path.insert(0, str(REPO / "stages"))
+    from checkpointing import load_checkpoint
+    from common import PipelineError
+
     garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(os.urandom(4096))
+    # Random bytes make the unpickler fail in many ways (IndexError, KeyError, ...): every one is a clear error.
+    for seed in range(200):
+        garbage.write_bytes(random.Random(seed).randbytes(512))
+        with pytest.raises(PipelineError, match="not a valid checkpoint"):
+            load_checkpoint(garbage)
     result = trained.run("generate.py", "--checkpoint", garbage, check=False)
     assert_clean_failure(result, str(garbage), "not a valid checkpoint")
 
@@ -245,6 +255,7 @@ def test_second_training_in_the_same_folder_is_refused(encoded, tmp_path):
     ("--learning-rate", "0", "learning_rate"), ("--learning-rate", "-0.1", "learning_rate"),
     ("--batch-size", "-4", "batch_size"), ("--epochs", "0", "epochs"), ("--max-seq-length", "9000", "max_seq_length"),
     ("--dropout", "1.5", "dropout"),
+    ("--dropout", "often", "expected a number in [0, 1) or 'auto'"),
 ])
 def test_bad_training_parameter_is_refused_naming_it(encoded, flag, value, name):
     result = encoded.run("train.py", flag, value, check=False)

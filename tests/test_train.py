@@ -43,6 +43,23 @@ def test_tiny_training_learns_and_writes_every_artifact(encoded):
         assert set(entry["samples"]) == {"en", "es"}
     assert len((ckpt / "metrics.jsonl").read_text().splitlines()) == 3
     assert "parameters" in out.stdout and "epoch  3/3" in out.stdout and "sample [es]" in out.stdout
+    # your own corpus: the progress samples continue the opening words of validation sentences, not the Bible's
+    val_lines = (encoded.data / "prepared" / "val.txt").read_text(encoding="utf-8").splitlines()
+    for lang, opening in (("en", "And "), ("es", "Y ")):
+        prompt = " ".join(history[-1]["samples"][lang].split()[:4])
+        assert prompt.startswith(opening) and any(line.startswith(prompt) for line in val_lines), prompt
+    # dropout 'auto' on a few thousand tokens is the cap, and the number used is what the run records
+    assert "dropout 0.3 (auto:" in out.stdout
+    assert json.loads((ckpt / "config.json").read_text())["dropout"] == 0.3
+
+
+def test_auto_dropout_is_0_1_on_the_default_corpus_and_grows_as_the_text_shrinks():
+    from train import resolve_dropout
+    assert resolve_dropout("auto", 667_136)[0] == 0.1    # the default corpus's training split
+    assert resolve_dropout("auto", 5_000_000)[0] == 0.1  # more text never lowers it
+    assert resolve_dropout("auto", 264_787)[0] == 0.245  # the Debian Reference manual
+    assert resolve_dropout("auto", 1_000)[0] == 0.3      # capped
+    assert resolve_dropout(0.05, 1_000) == (0.05, "as configured")
 
 
 def test_checkpoint_is_plain_and_loads_with_weights_only(encoded):
@@ -238,3 +255,16 @@ def test_bf16_fast_path_and_plain_fp32_path_both_train(tmp_path, corpus_file):
         results[name] = epochs_of(ws)[-1]["val_loss"]
     # same seed and data: bf16 matmuls change the numbers a little, not the learning
     assert abs(results["fast"] - results["plain"]) / results["plain"] < 0.05
+
+
+def test_progress_samples_use_the_bible_prompts_for_the_default_corpus(tmp_path):
+    from train import SAMPLE_PROMPTS, sample_prompts
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "raw" / "corpus.json").write_text(json.dumps({"source": {"kind": "wheel"}}))
+    (tmp_path / "prepared" / "val.txt").write_text("The shell is the program that reads commands.\n", encoding="utf-8")
+    paths = {"raw": tmp_path / "raw", "prepared": tmp_path / "prepared"}
+    assert sample_prompts(paths) == SAMPLE_PROMPTS
+    (tmp_path / "raw" / "corpus.json").write_text(json.dumps({"source": {"kind": "path"}}))
+    # an English-only corpus: its own English prompt, the Bible's Spanish one
+    assert sample_prompts(paths) == {"en": "The shell is the", "es": SAMPLE_PROMPTS["es"]}
