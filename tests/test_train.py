@@ -262,8 +262,9 @@ def test_progress_samples_use_the_bible_prompts_for_the_default_corpus(tmp_path)
     (tmp_path / "raw").mkdir()
     (tmp_path / "prepared").mkdir()
     (tmp_path / "raw" / "corpus.json").write_text(json.dumps({"source": {"kind": "wheel"}}))
-    (tmp_path / "prepared" / "val.txt").write_text("The shell is the program that reads commands.\n", encoding="utf-8")
     paths = {"raw": tmp_path / "raw", "prepared": tmp_path / "prepared"}
+    assert sample_prompts(paths) == SAMPLE_PROMPTS  # no val.txt (a folder of token files only): still trains
+    (tmp_path / "prepared" / "val.txt").write_text("The shell is the program that reads commands.\n", encoding="utf-8")
     assert sample_prompts(paths) == SAMPLE_PROMPTS
     (tmp_path / "raw" / "corpus.json").write_text(json.dumps({"source": {"kind": "path"}}))
     # an English-only corpus: its own English prompt, the Bible's Spanish one
