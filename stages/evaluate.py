@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 from contextlib import nullcontext
-import re
 import subprocess
 import sys
 import time
