@@ -34,9 +34,25 @@ TOK      := $(ARTIFACTS_DIR)/tokenizer
 CKPT     := $(ARTIFACTS_DIR)/checkpoints
 EVAL     := $(ARTIFACTS_DIR)/eval
 PARAMS   := $(ARTIFACTS_DIR)/params
-# Code every stage imports. (The YAML is not listed: it reaches each stage through its
-# parameter file, so editing one section reruns only the stages that read it.)
-COMMON   := stages/common.py
+
+# ---------------------------------------------------------------- the code each stage runs
+# A stage's outputs depend on its script and on every local module it imports, directly or
+# through another module, so editing a module reruns exactly the stages that use it.
+# tests/test_layout.py derives these lists from the imports and fails when one drifts.
+# (The YAML is not listed: it reaches each stage through its parameter file, so editing
+# one section reruns only the stages that read it.)
+LIB        := stages/lib
+BASE_CODE  := $(LIB)/__init__.py $(LIB)/config.py $(LIB)/errors.py $(LIB)/files.py
+MODEL_CODE := model/__init__.py model/tiny_transformer.py
+CODE_download  := stages/download.py $(BASE_CODE)
+CODE_prepare   := stages/prepare.py $(BASE_CODE)
+CODE_tokenizer := stages/train_tokenizer.py $(BASE_CODE)
+CODE_encode    := stages/encode.py $(BASE_CODE)
+CODE_train     := stages/train.py $(BASE_CODE) $(MODEL_CODE) $(addprefix $(LIB)/,batches.py checkpoints.py code_files.py \
+                  faults.py hardware.py language.py memory.py optim.py regularisation.py runs.py samples.py)
+# evaluate.py also runs generate.py, to time inference in a fresh process
+CODE_evaluate  := stages/evaluate.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) \
+                  $(addprefix $(LIB)/,batches.py checkpoints.py language.py)
 
 # ---------------------------------------------------------------- variables -> flags
 # Empty means "use config/defaults.yaml". `$(call flag,--x,VAR)` adds `--x 'value'` when VAR is set.
@@ -123,27 +139,27 @@ all: check evaluate ## run the whole pipeline (each stage only if out of date)
 	@$(PY) -c 'import json; r = json.load(open("$(EVAL)/report.json")); print("report: $(EVAL)/report.md"); print("  " + r["headline"])'
 
 download: $(RAW)/corpus.json ## 1. corpus -> data/raw/corpus.txt
-$(RAW)/corpus.txt $(RAW)/corpus.json &: stages/download.py $(COMMON) $(PARAMS)/download.json $(CORPUS_INPUTS) | $(VENV_DONE)
+$(RAW)/corpus.txt $(RAW)/corpus.json &: $(CODE_download) $(PARAMS)/download.json $(CORPUS_INPUTS) | $(VENV_DONE)
 	$(PY) stages/download.py $(BASE_FLAGS) $(FLAGS_download)
 
 prepare: $(PREP)/stats.json ## 2. clean + split 90/10 -> data/prepared/{train,val}.txt
-$(PREP)/train.txt $(PREP)/val.txt $(PREP)/stats.json &: stages/prepare.py $(COMMON) $(PARAMS)/prepare.json $(RAW)/corpus.txt
+$(PREP)/train.txt $(PREP)/val.txt $(PREP)/stats.json &: $(CODE_prepare) $(PARAMS)/prepare.json $(RAW)/corpus.txt
 	$(PY) stages/prepare.py $(BASE_FLAGS) $(FLAGS_prepare)
 
 tokenizer: $(TOK)/tokenizer.json ## 3. SentencePiece unigram -> artifacts/tokenizer/spm.model
-$(TOK)/spm.model $(TOK)/spm.vocab $(TOK)/tokenizer.json &: stages/train_tokenizer.py $(COMMON) $(PARAMS)/tokenizer.json $(PREP)/train.txt
+$(TOK)/spm.model $(TOK)/spm.vocab $(TOK)/tokenizer.json &: $(CODE_tokenizer) $(PARAMS)/tokenizer.json $(PREP)/train.txt
 	$(PY) stages/train_tokenizer.py $(BASE_FLAGS) $(FLAGS_tokenizer)
 
 encode: $(ENC)/val.json ## 4. token ids -> data/encoded/{train,val}.npy
-$(ENC)/train.npy $(ENC)/train.json $(ENC)/val.npy $(ENC)/val.json &: stages/encode.py $(COMMON) $(PARAMS)/encode.json $(TOK)/spm.model $(PREP)/train.txt $(PREP)/val.txt
+$(ENC)/train.npy $(ENC)/train.json $(ENC)/val.npy $(ENC)/val.json &: $(CODE_encode) $(PARAMS)/encode.json $(TOK)/spm.model $(PREP)/train.txt $(PREP)/val.txt
 	$(PY) stages/encode.py $(BASE_FLAGS) $(FLAGS_encode)
 
 train: $(CKPT)/train_done.json ## 5. train the model -> artifacts/checkpoints/
-$(CKPT)/train_done.json: stages/train.py stages/checkpointing.py stages/language.py $(wildcard model/*.py) $(COMMON) $(PARAMS)/train.json $(ENC)/train.npy $(ENC)/val.npy $(TOK)/spm.model $(RAW)/corpus.json $(PREP)/val.txt
+$(CKPT)/train_done.json: $(CODE_train) $(PARAMS)/train.json $(ENC)/train.npy $(ENC)/val.npy $(TOK)/spm.model $(RAW)/corpus.json $(PREP)/val.txt
 	$(PY) stages/train.py $(BASE_FLAGS) $(FLAGS_train)
 
 evaluate: $(EVAL)/report.json ## 6. report, plots, samples, latency -> artifacts/eval/
-$(EVAL)/report.json: stages/evaluate.py stages/checkpointing.py stages/language.py $(COMMON) $(PARAMS)/evaluate.json $(CKPT)/train_done.json $(ENC)/val.npy
+$(EVAL)/report.json: $(CODE_evaluate) $(PARAMS)/evaluate.json $(CKPT)/train_done.json $(ENC)/val.npy
 	$(PY) stages/evaluate.py $(BASE_FLAGS) $(FLAGS_evaluate)
 
 generate: $(VENV_DONE) ## print a continuation of PROMPT from the trained model

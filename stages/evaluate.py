@@ -25,9 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import (PipelineError, log, log_config, read_json, resolve_config, run_stage, stage_parser, stage_paths,
-                    write_json_atomic, write_text_atomic, atomic_path)
-from language import corpus_prompts, identify_language, words
+from lib.config import log_config, resolve_config, stage_parser, stage_paths
+from lib.errors import PipelineError, log, run_stage
+from lib.files import atomic_path, read_json, write_json_atomic, write_text_atomic
+from lib.language import corpus_prompts, identify_language, words
 
 # Floors from the spec (SC-003, SC-009, SC-010, SC-012) and its on-device targets.
 LIMITS = {"val_loss": 5.0, "gap": 0.5, "max_repeat_run": 3, "repeated_3gram_share": 0.25, "p95_ms": 250.0,
@@ -180,9 +181,8 @@ def main(cfg):
     import sentencepiece as spm
     import torch
 
-    from checkpointing import load_model
-    from generate import checkpoint_path
-    from train import load_split, mean_loss, window_starts
+    from lib.batches import load_split, mean_loss, window_starts
+    from lib.checkpoints import checkpoint_path, load_model
 
     log_config(cfg)
     paths = stage_paths(cfg)

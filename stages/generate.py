@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import PipelineError, read_json, resolve_config, run_stage, stage_parser, stage_paths
+from lib.config import resolve_config, stage_parser, stage_paths
+from lib.errors import PipelineError, run_stage
+from lib.files import read_json
 
 
 def build_parser():
@@ -48,14 +50,9 @@ def validate(cfg):
     return errors
 
 
-def checkpoint_path(cfg) -> Path:
-    given = Path(cfg["checkpoint"])
-    return given if given.is_absolute() or given.parent != Path(".") else stage_paths(cfg)["checkpoints"] / given
-
-
 def load_model_and_tokenizer(cfg):
     import sentencepiece as spm
-    from checkpointing import load_model
+    from lib.checkpoints import checkpoint_path, load_model
 
     paths = stage_paths(cfg)
     path = checkpoint_path(cfg)

@@ -20,8 +20,9 @@ import time
 import unicodedata
 from pathlib import Path
 
-from common import (PipelineError, human_bytes, log, log_config, resolve_config, run_stage, stage_parser,
-                    stage_paths, write_json_atomic, write_text_atomic)
+from lib.config import log_config, resolve_config, stage_parser, stage_paths
+from lib.errors import PipelineError, log, run_stage
+from lib.files import human_bytes, write_json_atomic, write_text_atomic
 
 CORPUS_SECTION = "empty-or-corrupted-corpus"
 

@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO_ROOT, stage_paths, write_json_atomic, write_text_atomic
+from lib.config import REPO_ROOT, stage_paths
+from lib.files import write_json_atomic, write_text_atomic
 
 
 def parse_grid(text: str) -> list[dict]:

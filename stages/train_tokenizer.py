@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (PipelineError, log, log_config, resolve_config, run_stage, sha256_file, stage_parser, stage_paths,
-                    write_json_atomic, atomic_path)
+from lib.config import log_config, resolve_config, stage_parser, stage_paths
+from lib.errors import PipelineError, log, run_stage
+from lib.files import atomic_path, sha256_file, write_json_atomic
 
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
 

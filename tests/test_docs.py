@@ -60,7 +60,7 @@ SECTIONS = ["out-of-memory", "disk-full", "diverging-or-nan-loss", "interrupted-
 def test_errors_point_to_existing_troubleshooting_sections():
     text = (REPO / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
     anchors = {re.sub(r"[^a-z0-9 -]", "", title.lower()).replace(" ", "-") for title in re.findall(r"^## (.+)$", text, re.M)}
-    code = " ".join(p.read_text() for p in (REPO / "stages").glob("*.py"))
+    code = " ".join(p.read_text() for p in (REPO / "stages").rglob("*.py"))
     for section in SECTIONS:
         assert section in anchors, f"docs/troubleshooting.md lacks the section #{section}"
         assert f'"{section}"' in code or f"#{section}" in code, f"no error message points to #{section}"

@@ -138,8 +138,8 @@ def test_garbage_checkpoint_is_named_in_the_error(trained, tmp_path):
     import random
     import sys
     sys.path.insert(0, str(REPO / "stages"))
-    from checkpointing import load_checkpoint
-    from common import PipelineError
+    from lib.checkpoints import load_checkpoint
+    from lib.errors import PipelineError
 
     garbage = tmp_path / "garbage.pt"
     # Random bytes make the unpickler fail in many ways (IndexError, KeyError, ...): every one is a clear error.

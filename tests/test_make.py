@@ -58,6 +58,16 @@ def test_make_all_then_only_what_changed_rebuilds(project):
     assert ran(retrain.stdout) == ["train.py"]
     assert "learning_rate=0.001*" in retrain.stdout and "epochs=2*" in retrain.stdout
 
+    # A shared module only training imports: make reruns train and train starts a new run
+    # (the code is part of the run's identity), never "already finished".
+    time.sleep(1.1)
+    memory_module = proj / "stages" / "lib" / "memory.py"
+    memory_module.write_text(memory_module.read_text() + "\n# edited\n")
+    edited = make(proj, "train", *tiny, "LR=0.001", "EPOCHS=2")
+    assert ran(edited.stdout) == ["train.py"]
+    assert "already finished" not in edited.stdout and "code changed" in edited.stdout
+    assert "epoch  2/2" in edited.stdout
+
     vocab = make(proj, "all", *tiny, "VOCAB_SIZE=310")
     assert ran(vocab.stdout) == ["train_tokenizer.py", "encode.py", "train.py", "evaluate.py"]
 

@@ -54,7 +54,7 @@ def test_tiny_training_learns_and_writes_every_artifact(encoded):
 
 
 def test_auto_dropout_is_0_1_on_the_default_corpus_and_grows_as_the_text_shrinks():
-    from train import resolve_dropout
+    from lib.regularisation import resolve_dropout
     assert resolve_dropout("auto", 667_136)[0] == 0.1    # the default corpus's training split
     assert resolve_dropout("auto", 5_000_000)[0] == 0.1  # more text never lowers it
     assert resolve_dropout("auto", 264_787)[0] == 0.245  # the Debian Reference manual
@@ -77,7 +77,7 @@ def test_checkpoint_is_plain_and_loads_with_weights_only(encoded):
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
-    from train import lr_at
+    from lib.optim import lr_at
     cfg = {"learning_rate": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 10}
     lrs = [lr_at(s, cfg, 110) for s in range(110)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
@@ -89,7 +89,8 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 
 def test_input_noise_swaps_about_the_rate_for_tokens_of_the_text_and_leaves_the_batch_alone():
     import numpy as np
-    from train import get_batch, noise_inputs
+    from lib.batches import get_batch
+    from lib.regularisation import noise_inputs
     text = np.arange(1000, 3000, dtype=np.uint16)
     x, y = get_batch(text, np.array([0, 500, 1000]), 300, "cpu")
     before_x, before_y = x.clone(), y.clone()
@@ -258,7 +259,7 @@ def test_bf16_fast_path_and_plain_fp32_path_both_train(tmp_path, corpus_file):
 
 
 def test_progress_samples_use_the_bible_prompts_for_the_default_corpus(tmp_path):
-    from train import SAMPLE_PROMPTS, sample_prompts
+    from lib.samples import SAMPLE_PROMPTS, sample_prompts
     (tmp_path / "raw").mkdir()
     (tmp_path / "prepared").mkdir()
     (tmp_path / "raw" / "corpus.json").write_text(json.dumps({"source": {"kind": "wheel"}}))

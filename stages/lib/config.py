@@ -1,4 +1,4 @@
-"""Helpers shared by every stage: configuration, atomic writes, errors, logging.
+"""Configuration: YAML defaults and command-line flags merged into one flat dict; file locations.
 
 Each stage script is run as `python stages/NAME.py [flags]`. It builds an
 argparse parser with `stage_parser()`, then calls `resolve_config()`, which
@@ -16,77 +16,18 @@ parameter.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
-import hashlib
 import json
 import os
-import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from lib.errors import EXIT_OK, EXIT_USAGE, PipelineError, log, set_stage_name
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # PIPELINE_CONFIG points every stage at another defaults file (the docs tests use a tiny one).
 DEFAULT_CONFIG = Path(os.environ.get("PIPELINE_CONFIG") or REPO_ROOT / "config" / "defaults.yaml")
-TROUBLESHOOTING = "docs/troubleshooting.md"
-
-# `model/` lives beside `stages/`; make it importable however the script is started.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
-
-
-class Terminated(BaseException):
-    """Raised in the main thread when SIGTERM arrives (BaseException: not caught by `except Exception`)."""
-
-
-class PipelineError(Exception):
-    """An expected failure: printed as one clear message, never as a traceback.
-
-    `section` names the matching part of docs/troubleshooting.md.
-    """
-
-    def __init__(self, message: str, fix: str = "", section: str = "", exit_code: int = EXIT_FAILURE):
-        super().__init__(message)
-        self.message, self.fix, self.section, self.exit_code = message, fix, section, exit_code
-
-    def __str__(self) -> str:
-        text = f"error: {self.message}"
-        if self.fix:
-            text += f"\n  fix: {self.fix}"
-        if self.section:
-            text += f"\n  see: {TROUBLESHOOTING}#{self.section}"
-        return text
-
-
-# ----------------------------------------------------------------------------- logging
-
-_STAGE = "pipeline"
-
-
-def log(message: str) -> None:
-    print(f"[{_STAGE}] {message}", flush=True)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -98,8 +39,7 @@ def stage_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     Stage flags must use `default=None` (or argparse.SUPPRESS): defaults come from
     the YAML file so that there is exactly one place that holds them.
     """
-    global _STAGE
-    _STAGE = stage
+    set_stage_name(stage)
     parser = argparse.ArgumentParser(
         prog=f"stages/{stage}.py",
         description=doc,
@@ -253,112 +193,3 @@ def stage_paths(cfg: dict) -> dict[str, Path]:
         "eval": art / "eval",
         "bench": art / "bench",
     }
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def _disk_full(path: Path, needed: int | None = None) -> PipelineError:
-    free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
-    need = f"; it needs about {human_bytes(needed)}" if needed else ""
-    return PipelineError(
-        f"disk full while writing {path} ({human_bytes(free)} free{need}); the previous version of the file is untouched",
-        "free some disk space (or point DATA_DIR / ARTIFACTS_DIR at a larger disk) and rerun the same command",
-        "disk-full",
-    )
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path, needed_bytes: int | None = None):
-    """Yield a temp path beside `path`; on success fsync it and rename it into place.
-
-    A crash or error at any point leaves the old file (or no file), never a
-    half-written one under the final name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a process killed mid-write
-        with contextlib.suppress(OSError):
-            if not _pid_alive(int(stale.name.rsplit("tmp", 1)[1])):
-                stale.unlink()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if os.environ.get("FAULT_KILL_BEFORE_RENAME") and os.environ["FAULT_KILL_BEFORE_RENAME"] in path.name:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with a complete temp file not yet renamed
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise _disk_full(path, needed_bytes) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def inject_disk_full_fault(path: Path) -> None:
-    """Fault hook for tests: FAULT_ENOSPC=<substring of a file name> fails that write."""
-    target = os.environ.get("FAULT_ENOSPC")
-    if target and target in Path(path).name:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    with atomic_path(path, len(data)) as tmp:
-        inject_disk_full_fault(path)
-        tmp.write_bytes(data)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def read_json(path: Path, what: str, fix: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{what} {path} is missing", fix) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{what} {path} is not valid JSON ({exc})", fix) from None
-
-
-# ----------------------------------------------------------------------------- running a stage
-
-
-def run_stage(main, cfg: dict, report_time: bool = True) -> None:
-    """Run `main(cfg)`; turn expected failures into one message and an exit code."""
-    # SIGTERM unwinds the stack like Ctrl+C, so that `finally` blocks and temp-file cleanup run.
-    def _on_sigterm(signum, frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    start = time.perf_counter()
-    try:
-        main(cfg)
-    except PipelineError as exc:
-        print(str(exc), file=sys.stderr, flush=True)
-        sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, Terminated) as exc:
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"\n{what}: stage '{_STAGE}' stopped before finishing; its outputs were not updated "
-              f"(a partial download is kept and resumed). Rerun the same command.", file=sys.stderr, flush=True)
-        sys.exit(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT)
-    if report_time:
-        log(f"done in {time.perf_counter() - start:.1f}s")

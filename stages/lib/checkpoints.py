@@ -17,11 +17,15 @@ training checkpoints ("epoch", "last") add what exact resume needs:
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from common import PipelineError, atomic_path, inject_disk_full_fault
+from lib.config import stage_paths
+from lib.errors import PipelineError
+from lib.files import atomic_path, inject_disk_full_fault
 
 FORMAT = "tiny-transformer-checkpoint/1"
 
@@ -53,6 +57,12 @@ def load_checkpoint(path: Path) -> dict:
     return payload
 
 
+def checkpoint_path(cfg) -> Path:
+    """--checkpoint / CHECKPOINT: a file name in artifacts/checkpoints/, or any path."""
+    given = Path(cfg["checkpoint"])
+    return given if given.is_absolute() or given.parent != Path(".") else stage_paths(cfg)["checkpoints"] / given
+
+
 def load_model(path: Path, tokenizer_sha256: str | None = None):
     """Rebuild a TinyTransformer from a checkpoint, in eval mode; check it matches the tokenizer."""
     from model import ModelConfig, TinyTransformer
@@ -68,3 +78,18 @@ def load_model(path: Path, tokenizer_sha256: str | None = None):
     model.load_state_dict(payload["model"])
     model.eval()
     return model, payload
+
+
+def rng_state() -> dict:
+    """Python's, numpy's and torch's global random state, as checkpoint values (lists, a byte tensor)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    return {"python": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "torch": torch.get_rng_state()}
+
+
+def restore_rng_state(saved: dict) -> None:
+    """The inverse of rng_state(): the next random draw is the one the saved run would have made."""
+    random.setstate((saved["python"][0], tuple(saved["python"][1]), saved["python"][2]))
+    np_state = saved["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(saved["torch"])

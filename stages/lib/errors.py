@@ -1,0 +1,78 @@
+"""How a stage reports: log lines, one clear error message instead of a traceback, exit codes.
+
+Every stage script ends with `run_stage(main, config)`: an expected failure
+(PipelineError) prints what is wrong, the fix and the troubleshooting section, and
+exits non-zero; Ctrl+C and SIGTERM exit 130 and 143.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+TROUBLESHOOTING = "docs/troubleshooting.md"
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when SIGTERM arrives (BaseException: not caught by `except Exception`)."""
+
+
+class PipelineError(Exception):
+    """An expected failure: printed as one clear message, never as a traceback.
+
+    `section` names the matching part of docs/troubleshooting.md.
+    """
+
+    def __init__(self, message: str, fix: str = "", section: str = "", exit_code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.message, self.fix, self.section, self.exit_code = message, fix, section, exit_code
+
+    def __str__(self) -> str:
+        text = f"error: {self.message}"
+        if self.fix:
+            text += f"\n  fix: {self.fix}"
+        if self.section:
+            text += f"\n  see: {TROUBLESHOOTING}#{self.section}"
+        return text
+
+
+# ----------------------------------------------------------------------------- logging
+
+_STAGE = "pipeline"
+
+
+def set_stage_name(stage: str) -> None:
+    """The name every log line of this process starts with, e.g. `[train]`."""
+    global _STAGE
+    _STAGE = stage
+
+
+def log(message: str) -> None:
+    print(f"[{_STAGE}] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------- running a stage
+
+
+def run_stage(main, cfg: dict, report_time: bool = True) -> None:
+    """Run `main(cfg)`; turn expected failures into one message and an exit code."""
+    # SIGTERM unwinds the stack like Ctrl+C, so that `finally` blocks and temp-file cleanup run.
+    def _on_sigterm(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    start = time.perf_counter()
+    try:
+        main(cfg)
+    except PipelineError as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, Terminated) as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"\n{what}: stage '{_STAGE}' stopped before finishing; its outputs were not updated "
+              f"(a partial download is kept and resumed). Rerun the same command.", file=sys.stderr, flush=True)
+        sys.exit(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT)
+    if report_time:
+        log(f"done in {time.perf_counter() - start:.1f}s")

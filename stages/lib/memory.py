@@ -1,0 +1,58 @@
+"""The memory one training step needs, checked against the machine before the first step.
+
+An estimate that does not fit fails at once with the batch size to try, instead of
+the kernel killing the process an hour in.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+from lib.errors import PipelineError, log
+from lib.files import human_bytes
+
+
+def estimate_memory_bytes(cfg: dict, n_params: int, vocab: int) -> int:
+    """Rough peak of one training step: weights, grads and AdamW moments, activations, logits."""
+    B, T, d, L, H = cfg["batch_size"], cfg["max_seq_length"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"]
+    state = n_params * 4 * 4
+    per_layer = B * T * d * (10 + 3 * cfg["mlp_ratio"]) * 4 + B * H * T * T * 4 * 2
+    chunk = cfg["loss_chunk_tokens"] if 0 < cfg["loss_chunk_tokens"] < B * T else B * T
+    logits = chunk * vocab * 4 * 3  # logits, softmax, their gradient
+    return state + L * per_layer + logits + 200 * 2 ** 20  # + torch's own working set
+
+
+def memory_limit_bytes(cfg: dict) -> tuple[int, str]:
+    if cfg["max_memory_gb"] > 0:
+        return int(cfg["max_memory_gb"] * 1e9), "MAX_MEMORY_GB"
+    limit, what = None, "available RAM"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limit = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        used = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        if limit is None or soft - used < limit:
+            limit, what = soft - used, "the address-space limit (ulimit -v)"
+    return (limit if limit is not None else 1 << 62), what
+
+
+def smaller_batch_hint(cfg: dict) -> str:
+    smaller = max(1, cfg["batch_size"] // 2)
+    return f"try BATCH_SIZE={smaller} (or SEQ_LEN={max(8, cfg['max_seq_length'] // 2)})"
+
+
+def check_memory(cfg, n_params, vocab):
+    need = estimate_memory_bytes(cfg, n_params, vocab)
+    limit, what = memory_limit_bytes(cfg)
+    log(f"memory estimate {human_bytes(need)} per step (limit: {what}, {human_bytes(limit)})")
+    if need > limit:
+        raise PipelineError(
+            f"Out of memory: training needs about {human_bytes(need)} at BATCH_SIZE={cfg['batch_size']}, "
+            f"SEQ_LEN={cfg['max_seq_length']}, but {what} is {human_bytes(limit)}",
+            smaller_batch_hint(cfg), "out-of-memory")
