@@ -8,8 +8,11 @@
 # Parameters: config/defaults.yaml holds the defaults; Make variables below
 # override them (they are passed on as flags). Make only sees files, so every stage
 # has a parameter file, $(ARTIFACTS_DIR)/params/STAGE.json, that the stage itself
-# renders (--print-params) on every run and that is replaced only when its content
+# renders (--write-params) on every run and that is replaced only when its content
 # changes: a changed parameter rebuilds that stage and what is downstream of it.
+#
+# Only `make train` and `make all` train (see "which commands train" below): every other
+# target uses the trained model as it is, whatever Make variables trained it.
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -52,7 +55,7 @@ CODE_train     := stages/train.py $(BASE_CODE) $(MODEL_CODE) $(addprefix $(LIB)/
                   faults.py hardware.py language.py memory.py optim.py regularisation.py runs.py samples.py)
 # evaluate.py also runs generate.py, to time inference in a fresh process
 CODE_evaluate  := stages/evaluate.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) \
-                  $(addprefix $(LIB)/,batches.py checkpoints.py language.py)
+                  $(addprefix $(LIB)/,batches.py checkpoints.py language.py run_summary.py)
 
 # ---------------------------------------------------------------- variables -> flags
 # Empty means "use config/defaults.yaml". `$(call flag,--x,VAR)` adds `--x 'value'` when VAR is set.
@@ -85,7 +88,7 @@ FLAGS_generate  = $(call flag,--checkpoint,CHECKPOINT) $(call flag,--prompt,PROM
 # A local corpus is an input like any other: editing it reruns the pipeline from download.
 CORPUS_INPUTS = $(if $(CORPUS_PATH),$(if $(wildcard $(CORPUS_PATH)/.),$(wildcard $(CORPUS_PATH)/*.txt $(CORPUS_PATH)/*.html $(CORPUS_PATH)/*.htm),$(wildcard $(CORPUS_PATH))))
 
-.PHONY: help all check download prepare tokenizer encode train evaluate generate bench sweep test venv \
+.PHONY: help all check download prepare tokenizer encode train evaluate generate runs bench sweep test venv \
         clean-checkpoints clean distclean FORCE
 
 help: ## list targets and variables
@@ -122,11 +125,10 @@ check: $(VENV_DONE) ## prerequisites: Python, packages, disk space, corpus sourc
 	$(PY) stages/check.py $(BASE_FLAGS) $(FLAGS_check)
 
 # ---------------------------------------------------------------- parameter files
-# Always rendered, replaced only when different: Make then compares real mtimes.
+# Always rendered, replaced only when different (the stage then prints what changed,
+# old -> new, before it reruns): Make then compares real mtimes.
 $(PARAMS)/%.json: FORCE | $(VENV_DONE)
-	@mkdir -p $(@D)
-	@$(PY) stages/$(script_$*).py $(BASE_FLAGS) $(FLAGS_$*) --print-params > $@.new
-	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; echo "params: $* parameters changed -> $@"; fi
+	@$(PY) stages/$(script_$*).py $(BASE_FLAGS) $(FLAGS_$*) --write-params $@
 script_download  = download
 script_prepare   = prepare
 script_tokenizer = train_tokenizer
@@ -154,16 +156,33 @@ encode: $(ENC)/val.json ## 4. token ids -> data/encoded/{train,val}.npy
 $(ENC)/train.npy $(ENC)/train.json $(ENC)/val.npy $(ENC)/val.json &: $(CODE_encode) $(PARAMS)/encode.json $(TOK)/spm.model $(PREP)/train.txt $(PREP)/val.txt
 	$(PY) stages/encode.py $(BASE_FLAGS) $(FLAGS_encode)
 
+# Which commands train, the one rule: `make train` and `make all` bring the model up to
+# date with the settings they are given (a finished run with the same settings, data and
+# code is restored from the archive instead of trained again). Every other target
+# (evaluate, generate, runs) uses the model in $(CKPT) as it is: a `make evaluate` after
+# `make train LR=0.001` evaluates that model and never retrains because LR is not repeated.
+TRAINS := $(filter train all,$(MAKECMDGOALS))
+
 train: $(CKPT)/train_done.json ## 5. train the model -> artifacts/checkpoints/
+ifneq ($(TRAINS),)
 $(CKPT)/train_done.json: $(CODE_train) $(PARAMS)/train.json $(ENC)/train.npy $(ENC)/val.npy $(TOK)/spm.model $(RAW)/corpus.json $(PREP)/val.txt
 	$(PY) stages/train.py $(BASE_FLAGS) $(FLAGS_train)
+else
+$(CKPT)/train_done.json:
+	@echo "error: no trained model in $(CKPT) (no finished training run)" >&2
+	@echo "  fix: train one with \`make train\` (or \`make all\`); an interrupted run resumes where it stopped" >&2
+	@exit 1
+endif
 
 evaluate: $(EVAL)/report.json ## 6. report, plots, samples, latency -> artifacts/eval/
-$(EVAL)/report.json: $(CODE_evaluate) $(PARAMS)/evaluate.json $(CKPT)/train_done.json $(ENC)/val.npy
+$(EVAL)/report.json: $(CODE_evaluate) $(PARAMS)/evaluate.json $(CKPT)/train_done.json $(if $(TRAINS),$(ENC)/val.npy)
 	$(PY) stages/evaluate.py $(BASE_FLAGS) $(FLAGS_evaluate)
 
 generate: $(VENV_DONE) ## print a continuation of PROMPT from the trained model
 	$(PY) stages/generate.py $(BASE_FLAGS) $(FLAGS_generate)
+
+runs: $(VENV_DONE) ## table of every kept run (current + archived) -> artifacts/runs/runs.md, val_curves.png
+	$(PY) stages/list_runs.py $(BASE_FLAGS)
 
 bench: $(ENC)/val.json ## speed figures: tokens/s of eager fp32 vs the fast path, MFU, stage times
 	$(PY) stages/bench.py --config '$(CONFIG)' --data-dir '$(DATA_DIR)' --artifacts-dir '$(ARTIFACTS_DIR)'

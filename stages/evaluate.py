@@ -29,6 +29,7 @@ from lib.config import log_config, resolve_config, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage
 from lib.files import atomic_path, read_json, write_json_atomic, write_text_atomic
 from lib.language import corpus_prompts, identify_language, words
+from lib.run_summary import settings_text, summarize_run
 
 # Floors from the spec (SC-003, SC-009, SC-010, SC-012) and its on-device targets.
 LIMITS = {"val_loss": 5.0, "gap": 0.5, "max_repeat_run": 3, "repeated_3gram_share": 0.25, "p95_ms": 250.0,
@@ -157,6 +158,8 @@ def render_markdown(report: dict) -> str:
     lines = [
         "# Evaluation report", "",
         f"Model: `{report['checkpoint']}` (epoch {report['epoch']}, {report['parameters']:,} parameters)", "",
+        f"Run: `{report['run']['folder']}` ({'the current run' if report['run']['current'] else 'an archived run'}; "
+        f"settings besides the defaults: {settings_text(report['run']['settings'])})", "",
         "| metric | value |", "|---|---|",
         f"| validation loss (nats/token) | {m['val_loss']:.4f} |",
         f"| perplexity | {m['perplexity']:.1f} |",
@@ -192,7 +195,11 @@ def main(cfg):
     if not path.exists():
         raise PipelineError(f"no trained model at {path}", "train one first: `make train`", "interrupted-runs-and-resume")
     model, payload = load_model(path, tokenizer["model_sha256"])
-    history = read_json(paths["checkpoints"] / "history.json", "training history", "run `make train`")["epochs"]
+    # The run the model comes from: its own folder (an archived run's, with CHECKPOINT=...) or the current run.
+    run_dir = path.parent if (path.parent / "history.json").exists() else paths["checkpoints"]
+    history = read_json(run_dir / "history.json", "training history", "run `make train`")["epochs"]
+    run = summarize_run(run_dir)
+    log(f"model {path}, from the run in {run_dir}: {settings_text(run['settings'])}")
     sp = spm.SentencePieceProcessor(model_file=str(paths["tokenizer"] / "spm.model"))
 
     start = time.perf_counter()
@@ -236,6 +243,8 @@ def main(cfg):
     plots = draw_plots(history, out)
     report = {
         "headline": headline, "checkpoint": str(path), "epoch": payload.get("epoch"),
+        "run": {"folder": str(run_dir), "current": run_dir == paths["checkpoints"], "fingerprint": run["fingerprint"],
+                "settings": run["settings"], "epochs": run["epochs"], "finished": run["finished"]},
         "parameters": sum(p.numel() for p in model.parameters()),
         "metrics": {"val_loss": val_loss, "perplexity": math.exp(val_loss), "val_bpb": val_bpb,
                     "val_tokens": val_meta["tokens"], "val_bytes": val_meta["source_bytes"],

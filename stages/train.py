@@ -366,9 +366,11 @@ def main(cfg):
     run = setup(cfg)
     lock = acquire_lock(Path(cfg["artifacts_dir"]))
     mode, ckpt = choose_start(cfg, run.paths, run.identity)
-    if mode == "finished":
-        log(f"this run ({run.dir}) already finished with these settings; nothing to do "
-            f"(RESUME=no / --restart trains again, moving it aside)")
+    if mode in ("finished", "restored"):
+        if mode == "finished":
+            log(f"this run ({run.dir}) already finished with these settings; nothing to do "
+                f"(RESUME=no / --restart trains again, moving it aside)")
+        (run.dir / "train_done.json").touch()  # up to date for make, whose parameter file may be newer
         lock.close()
         return
     run.dir.mkdir(parents=True, exist_ok=True)

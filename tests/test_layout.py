@@ -36,9 +36,9 @@ def relative(paths) -> set[str]:
 
 
 def make_database() -> dict[str, list[str]]:
-    """Every explicit rule of the Makefile: target -> prerequisites (order-only ones left out)."""
+    """Every explicit rule of the Makefile as `make train` sees it: target -> prerequisites (order-only left out)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
-    out = subprocess.run(["make", "-pn", "FORCE"], cwd=REPO, capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run(["make", "-pn", "train"], cwd=REPO, capture_output=True, text=True, env=env, check=True).stdout
     rules = {}
     for line in out.splitlines():
         match = re.match(r"^((?:data|artifacts)/[^\s:%]+):(?!=)(.*)$", line)

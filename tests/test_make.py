@@ -143,3 +143,52 @@ def test_check_reports_each_problem_with_a_fix(project, tmp_path):
     result = make(proj, "check", *tiny, f"CORPUS_PATH={tmp_path / 'nope.txt'}", "MIN_FREE_GB=1000000", check=False)
     assert result.returncode != 0
     assert "does not exist" in result.stderr and "GB free" in result.stderr
+
+
+def test_experiments_evaluate_what_was_trained_and_come_back_to_the_defaults(project):
+    """train with other settings -> evaluate uses that model (no retraining) -> the defaults come back
+    from the archive with identical files -> make runs lists both runs with their figures."""
+    import json
+
+    proj, tiny, _ = project
+    ckpt = proj / "artifacts" / "checkpoints"
+    make(proj, "all", *tiny)
+    default_files = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.suffix in (".pt", ".json", ".jsonl")}
+    default_history = json.loads((ckpt / "history.json").read_text())["epochs"]
+
+    other = make(proj, "train", *tiny, "LR=0.001", "EPOCHS=2")
+    assert ran(other.stdout) == ["train.py"]
+    assert "params: train reruns: epochs 1 -> 2, learning_rate 0.0015 -> 0.001" in other.stdout
+    other_history = json.loads((ckpt / "history.json").read_text())["epochs"]
+
+    evaluated = make(proj, "evaluate", *tiny)  # the tiny variables say EPOCHS=1 and no LR: no matter
+    assert ran(evaluated.stdout) == ["evaluate.py"], "evaluate must use the trained model, not retrain it"
+    report = json.loads((proj / "artifacts" / "eval" / "report.json").read_text())
+    assert report["epoch"] == 2 and report["run"]["settings"]["learning_rate"] == 0.001 and report["run"]["current"]
+    assert "learning_rate=0.001" in (proj / "artifacts" / "eval" / "report.md").read_text()
+
+    back = make(proj, "all", *tiny)
+    assert "restored the finished run" in back.stdout and "epoch  1/1" not in back.stdout, "restored, not retrained"
+    assert ran(back.stdout) == ["train.py", "evaluate.py"]
+    for name, data in default_files.items():
+        assert (ckpt / name).read_bytes() == data, f"{name} differs from the default run's"
+    assert ran(make(proj, "all", *tiny).stdout) == [], "after the restore, make all is up to date"
+
+    listing = make(proj, "runs", *tiny).stdout
+    rows = [line for line in listing.splitlines() if line.startswith("| 1") or line.startswith("| 2")]
+    assert len(rows) == 2 and "(current)" in rows[0] and "learning_rate=0.001" in rows[1]
+    assert f"| {default_history[-1]['val_loss']:.3f} |" in rows[0] and f"| {other_history[-1]['val_loss']:.3f} |" in rows[1]
+    assert (proj / "artifacts" / "runs" / "runs.md").exists() and (proj / "artifacts" / "runs" / "val_curves.png").exists()
+
+    restart = make(proj, "train", *tiny, "LR=0.001", "EPOCHS=2", "RESUME=no")
+    assert "restored" not in restart.stdout and "epoch  2/2" in restart.stdout, "RESUME=no trains afresh"
+
+
+def test_without_a_trained_model_evaluate_generate_and_runs_say_how_to_train(project):
+    proj, tiny, _ = project
+    evaluated = make(proj, "evaluate", *tiny, check=False)
+    assert evaluated.returncode != 0 and "no trained model" in evaluated.stderr and "make train" in evaluated.stderr
+    generated = make(proj, "generate", *tiny, check=False)
+    assert generated.returncode != 0 and "no trained model" in generated.stderr and "make train" in generated.stderr
+    listed = make(proj, "runs", *tiny)
+    assert "no runs yet" in listed.stdout and "make train" in listed.stdout

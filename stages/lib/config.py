@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from lib.errors import EXIT_OK, EXIT_USAGE, PipelineError, log, set_stage_name
+from lib.files import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # PIPELINE_CONFIG points every stage at another defaults file (the docs tests use a tiny one).
@@ -48,9 +49,9 @@ def stage_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML file of defaults")
     parser.add_argument("--data-dir", type=str, default=None, help="folder of raw/prepared/encoded data")
     parser.add_argument("--artifacts-dir", type=str, default=None, help="folder of tokenizer, checkpoints, reports")
-    parser.add_argument(
-        "--print-params", action="store_true", help="print the resolved parameters as JSON and exit (used by make)"
-    )
+    parser.add_argument("--print-params", action="store_true", help="print the resolved parameters as JSON and exit")
+    parser.add_argument("--write-params", type=Path, default=None, metavar="FILE",
+                        help="write them to FILE and exit, only if they changed, naming what changed (used by make)")
     return parser
 
 
@@ -129,7 +130,7 @@ def resolve_config(parser: argparse.ArgumentParser, stage: str, argv=None, valid
             cfg[key] = _coerce(f"{section}.{key}", actions[key], value, errors)
 
     for dest, action in actions.items():
-        if dest in ("help", "config", "print_params"):
+        if dest in ("help", "config", "print_params", "write_params"):
             continue
         given = getattr(args, dest, None)
         if given is not None:
@@ -153,9 +154,33 @@ def resolve_config(parser: argparse.ArgumentParser, stage: str, argv=None, valid
     if args.print_params:
         print(json.dumps(cfg, indent=2, sort_keys=True))
         sys.exit(EXIT_OK)
+    if args.write_params:
+        write_params(args.write_params, stage, cfg)
+        sys.exit(EXIT_OK)
     cfg["_overridden"] = sorted(overridden)
     cfg["_config"] = str(args.config)
     return cfg
+
+
+def write_params(path: Path, stage: str, cfg: dict) -> None:
+    """Replace the stage's parameter file only when a parameter changed, and say which, old -> new.
+
+    Make reruns a stage when its parameter file is newer than its outputs, so the file
+    is rewritten exactly when the stage must rerun, and this line says why beforehand.
+    """
+    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    old_text = path.read_text(encoding="utf-8") if path.exists() else None
+    if old_text == text:
+        return
+    if old_text is not None:
+        try:
+            old = json.loads(old_text)
+        except json.JSONDecodeError:
+            old = {}
+        changes = [f"{key} {old.get(key, '(unset)')} -> {cfg.get(key, '(unset)')}"
+                   for key in sorted(set(old) | set(cfg)) if old.get(key) != cfg.get(key)]
+        print(f"params: {stage} reruns: {', '.join(changes) or 'its parameter file was rewritten'}", flush=True)
+    write_text_atomic(path, text)
 
 
 def public(cfg: dict) -> dict:

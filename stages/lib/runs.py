@@ -123,7 +123,8 @@ def ask_resume(epoch: int, position: int) -> bool:
 
 
 def choose_start(cfg, paths, identity: dict):
-    """Decide between a fresh run and resuming; returns the checkpoint to resume from or None."""
+    """Decide how this run starts: "fresh", "resume" (with the checkpoint), "finished" (the current
+    run already has these settings) or "restored" (a finished run came back from the archive)."""
     run_dir, fp = paths["checkpoints"], fingerprint(identity)
     run_file = run_dir / "run.json"
     old = json.loads(run_file.read_text()) if run_file.exists() else None
@@ -152,7 +153,38 @@ def choose_start(cfg, paths, identity: dict):
                             "interrupted-runs-and-resume")
     if old:
         archive_run(paths, f"new settings: {describe_difference(old.get('identity', {}), identity)}")
+    if cfg["resume"] == "auto" and restore_finished_run(paths, fp):
+        return "restored", None
     return "fresh", None
+
+
+def finished_run_in_archive(archive: Path, fp: str) -> Path | None:
+    """The newest archived run with this fingerprint that finished (its train_done.json exists)."""
+    for folder in sorted(archive.glob("*"), reverse=True):
+        try:
+            run = json.loads((folder / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if run.get("fingerprint") == fp and (folder / "train_done.json").exists():
+            return folder
+    return None
+
+
+def restore_finished_run(paths, fp: str) -> bool:
+    """Move a finished archived run with identical settings, data, tokenizer and code back in place."""
+    run_dir = paths["checkpoints"]
+    found = finished_run_in_archive(paths["archive"], fp)
+    if found is None:
+        return False
+    archive_run(paths, "a finished run with the requested settings takes its place")
+    if run_dir.exists():
+        run_dir.rmdir()  # left empty by archive_run
+    shutil.move(str(found), str(run_dir))
+    done = json.loads((run_dir / "train_done.json").read_text())
+    log(f"restored the finished run {found} to {run_dir}: same settings, data, tokenizer and code, so it is not "
+        f"trained again (val {done['final_val_loss']:.3f}, best {done['best_val_loss']:.3f}); "
+        f"RESUME=no / --restart trains afresh")
+    return True
 
 
 def resume_command() -> str:
