@@ -36,6 +36,7 @@ ENC      := $(DATA_DIR)/encoded
 TOK      := $(ARTIFACTS_DIR)/tokenizer
 CKPT     := $(ARTIFACTS_DIR)/checkpoints
 EVAL     := $(ARTIFACTS_DIR)/eval
+EXPORT   := $(ARTIFACTS_DIR)/export
 PARAMS   := $(ARTIFACTS_DIR)/params
 
 # ---------------------------------------------------------------- the code each stage runs
@@ -55,7 +56,10 @@ CODE_train     := stages/train.py $(BASE_CODE) $(MODEL_CODE) $(addprefix $(LIB)/
                   faults.py hardware.py language.py memory.py optim.py regularisation.py runs.py samples.py)
 # evaluate.py also runs generate.py, to time inference in a fresh process
 CODE_evaluate  := stages/evaluate.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) \
-                  $(addprefix $(LIB)/,batches.py checkpoints.py language.py run_summary.py)
+                  $(addprefix $(LIB)/,batches.py checkpoints.py language.py onnx_runtime.py run_summary.py)
+# export.py also runs generate.py, to time both runtimes in fresh processes
+CODE_export    := stages/export.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) \
+                  $(addprefix $(LIB)/,checkpoints.py export_proofs.py hf_export.py onnx_export.py onnx_runtime.py)
 
 # ---------------------------------------------------------------- variables -> flags
 # Empty means "use config/defaults.yaml". `$(call flag,--x,VAR)` adds `--x 'value'` when VAR is set.
@@ -83,12 +87,14 @@ FLAGS_evaluate  = $(call flag,--checkpoint,CHECKPOINT) $(call flag,--temperature
                   $(call flag,--top-k,TOP_K) $(call flag,--top-p,TOP_P)
 FLAGS_generate  = $(call flag,--checkpoint,CHECKPOINT) $(call flag,--prompt,PROMPT) \
                   $(call flag,--max-tokens,MAX_TOKENS) $(call flag,--temperature,TEMPERATURE) \
-                  $(call flag,--top-k,TOP_K) $(call flag,--top-p,TOP_P) $(call flag,--gen-seed,SEED)
+                  $(call flag,--top-k,TOP_K) $(call flag,--top-p,TOP_P) $(call flag,--gen-seed,SEED) \
+                  $(call flag,--runtime,RUNTIME)
+FLAGS_export    = $(call flag,--checkpoint,CHECKPOINT)
 
 # A local corpus is an input like any other: editing it reruns the pipeline from download.
 CORPUS_INPUTS = $(if $(CORPUS_PATH),$(if $(wildcard $(CORPUS_PATH)/.),$(wildcard $(CORPUS_PATH)/*.txt $(CORPUS_PATH)/*.html $(CORPUS_PATH)/*.htm),$(wildcard $(CORPUS_PATH))))
 
-.PHONY: help all check download prepare tokenizer encode train evaluate generate runs bench sweep test venv \
+.PHONY: help all check download prepare tokenizer encode train evaluate export generate runs bench sweep test venv \
         clean-checkpoints clean distclean FORCE
 
 help: ## list targets and variables
@@ -109,7 +115,8 @@ help: ## list targets and variables
 	@echo "             CHECKPOINT_EVERY=5 SAMPLE_EVERY=5 RESUME=auto|yes|no DEVICE=cpu DTYPE=auto|float32|bfloat16"
 	@echo "             COMPILE=yes|no THREADS=0"
 	@echo "  evaluate   CHECKPOINT=best_model.pt TEMPERATURE=0.8 TOP_K=50 TOP_P=1.0"
-	@echo "  generate   PROMPT='En el principio' MAX_TOKENS=100 TEMPERATURE=0.8 TOP_K=50 SEED=1"
+	@echo "  export     CHECKPOINT=best_model.pt"
+	@echo "  generate   PROMPT='En el principio' MAX_TOKENS=100 TEMPERATURE=0.8 TOP_K=50 SEED=1 RUNTIME=torch|onnx"
 	@echo "  sweep      SWEEP='learning_rate=0.0003,0.001 dropout=0.0,0.1' SWEEP_EPOCHS=20"
 
 # ---------------------------------------------------------------- environment
@@ -135,6 +142,7 @@ script_tokenizer = train_tokenizer
 script_encode    = encode
 script_train     = train
 script_evaluate  = evaluate
+script_export    = export
 
 # ---------------------------------------------------------------- stages
 all: check evaluate ## run the whole pipeline (each stage only if out of date)
@@ -159,7 +167,7 @@ $(ENC)/train.npy $(ENC)/train.json $(ENC)/val.npy $(ENC)/val.json &: $(CODE_enco
 # Which commands train, the one rule: `make train` and `make all` bring the model up to
 # date with the settings they are given (a finished run with the same settings, data and
 # code is restored from the archive instead of trained again). Every other target
-# (evaluate, generate, runs) uses the model in $(CKPT) as it is: a `make evaluate` after
+# (evaluate, export, generate, runs) uses the model in $(CKPT) as it is: a `make evaluate` after
 # `make train LR=0.001` evaluates that model and never retrains because LR is not repeated.
 TRAINS := $(filter train all,$(MAKECMDGOALS))
 
@@ -178,7 +186,11 @@ evaluate: $(EVAL)/report.json ## 6. report, plots, samples, latency -> artifacts
 $(EVAL)/report.json: $(CODE_evaluate) $(PARAMS)/evaluate.json $(CKPT)/train_done.json $(if $(TRAINS),$(ENC)/val.npy)
 	$(PY) stages/evaluate.py $(BASE_FLAGS) $(FLAGS_evaluate)
 
-generate: $(VENV_DONE) ## print a continuation of PROMPT from the trained model
+export: $(EXPORT)/export.json ## 7. Hugging Face + ONNX copies of the model, proven equal -> artifacts/export/
+$(EXPORT)/export.json: $(CODE_export) $(PARAMS)/export.json $(CKPT)/train_done.json $(if $(TRAINS),$(TOK)/spm.model)
+	$(PY) stages/export.py $(BASE_FLAGS) $(FLAGS_export)
+
+generate: $(VENV_DONE) ## print a continuation of PROMPT from the trained model (RUNTIME=onnx: the export, no torch)
 	$(PY) stages/generate.py $(BASE_FLAGS) $(FLAGS_generate)
 
 runs: $(VENV_DONE) ## table of every kept run (current + archived) -> artifacts/runs/runs.md, val_curves.png

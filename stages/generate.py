@@ -1,10 +1,13 @@
 """Generate text with the trained model; prints the prompt and streams the continuation.
 
     make generate PROMPT="En el principio" MAX_TOKENS=100 TEMPERATURE=0.8 TOP_K=50 SEED=1
+    make generate RUNTIME=onnx PROMPT="En el principio"       # the ONNX export, without torch
     python stages/generate.py --prompt "In the beginning" --max-tokens 100 --temperature 0.8 --top-k 50 --gen-seed 1
 
 Loads artifacts/checkpoints/best_model.pt (--checkpoint picks another file in that
-folder, or a path) and artifacts/tokenizer/spm.model. Uses the KV cache; outputs
+folder, or a path) and artifacts/tokenizer/spm.model; with --runtime onnx, the export
+in artifacts/export/onnx/ (model.onnx and its spm.model) on onnxruntime, and then imports
+no torch at all. Uses the KV cache; outputs
 longer than the model's context continue with a sliding window. Needs no network.
 `--latency-steps N` instead times N next-token steps and prints JSON (used by
 evaluate.py in a fresh process, so only inference memory is measured).
@@ -33,6 +36,9 @@ def build_parser():
     p.add_argument("--top-k", type=int, default=None, help="0 = no top-k filter")
     p.add_argument("--top-p", type=float, default=None, help="1.0 = no nucleus filter")
     p.add_argument("--gen-seed", type=int, default=None, help="sampling seed (make: SEED)")
+    p.add_argument("--runtime", type=str, default=None, choices=["torch", "onnx"],
+                   help="torch: the checkpoint; onnx: the export of `make export` on onnxruntime, without torch")
+    p.add_argument("--onnx-dir", type=str, default=None, help="folder of model.onnx (default: artifacts/export/onnx)")
     p.add_argument("--latency-steps", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
@@ -50,8 +56,11 @@ def validate(cfg):
     return errors
 
 
-def load_model_and_tokenizer(cfg):
+def torch_runtime(cfg):
+    """The trained checkpoint on PyTorch: a generate(prompt_ids, n, seed) function, the tokenizer, the context."""
     import sentencepiece as spm
+    import torch
+
     from lib.checkpoints import checkpoint_path, load_model
 
     paths = stage_paths(cfg)
@@ -60,23 +69,43 @@ def load_model_and_tokenizer(cfg):
         raise PipelineError(f"no trained model at {path}", "train one first: `make train` (or `make all`)",
                             "interrupted-runs-and-resume")
     tokenizer = read_json(paths["tokenizer"] / "tokenizer.json", "tokenizer sidecar", "run `make tokenizer`")
-    model, payload = load_model(path, tokenizer["model_sha256"])
+    model, _ = load_model(path, tokenizer["model_sha256"])
     sp = spm.SentencePieceProcessor(model_file=str(paths["tokenizer"] / "spm.model"))
-    return model, sp, payload
+    if cfg["latency_steps"]:
+        torch.set_num_threads(1)  # the documented target is single-thread tokens/s
+
+    def generate(prompt_ids, max_new_tokens, seed):
+        return model.generate(prompt_ids, max_new_tokens, temperature=cfg["temperature"], top_k=cfg["top_k"],
+                              top_p=cfg["top_p"], generator=torch.Generator().manual_seed(seed), eos_id=sp.eos_id())
+    return generate, sp, model.cfg.max_seq_length
 
 
-def stream(model, sp, prompt: str, cfg, out=sys.stdout) -> list[int]:
+def onnx_runtime(cfg):
+    """The ONNX export on onnxruntime + numpy + sentencepiece: the same triple, and no torch imported."""
+    import sentencepiece as spm
+
+    from lib.onnx_runtime import OnnxLanguageModel
+
+    folder = Path(cfg["onnx_dir"]) if cfg["onnx_dir"] else stage_paths(cfg)["export"] / "onnx"
+    if not (folder / "model.onnx").exists():
+        raise PipelineError(f"no ONNX model at {folder / 'model.onnx'}", "export one first: `make export`")
+    model = OnnxLanguageModel(folder, threads=1 if cfg["latency_steps"] else 0)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "spm.model"))
+
+    def generate(prompt_ids, max_new_tokens, seed):
+        return model.generate(prompt_ids, max_new_tokens, temperature=cfg["temperature"], top_k=cfg["top_k"],
+                              top_p=cfg["top_p"], seed=seed, eos_id=sp.eos_id())
+    return generate, sp, model.max_seq_length
+
+
+def stream(generate, sp, prompt: str, cfg, out=sys.stdout) -> list[int]:
     """Print the prompt, then each new piece of text as soon as it decodes."""
-    import torch
-
     prompt_ids = sp.encode(prompt)
-    generator = torch.Generator().manual_seed(cfg["gen_seed"])
     new_ids: list[int] = []
     shown = sp.decode(prompt_ids)
     out.write(shown)
     out.flush()
-    for token in model.generate([sp.bos_id()] + prompt_ids, cfg["max_tokens"], temperature=cfg["temperature"],
-                                top_k=cfg["top_k"], top_p=cfg["top_p"], generator=generator, eos_id=sp.eos_id()):
+    for token in generate([sp.bos_id()] + prompt_ids, cfg["max_tokens"], cfg["gen_seed"]):
         if token == sp.eos_id():
             break
         new_ids.append(token)
@@ -97,21 +126,17 @@ def rss_kb(field: str) -> int:
     return 0
 
 
-def measure_latency(model, sp, cfg) -> dict:
+def measure_latency(generate, sp, max_seq_length: int, cfg) -> dict:
     """Time next-token steps with the KV cache over several generations, each within the context."""
-    import torch
-
-    torch.set_num_threads(1)  # the documented target is single-thread tokens/s
     prompts = ["In the beginning", "En el principio", "And the LORD said", "Y dijo Dios"]
-    per_generation = max(8, model.cfg.max_seq_length - 16)
+    per_generation = max(8, max_seq_length - 16)
     timings, cpu_start = [], os.times()
     generated = 0
     i = 0
     while generated < cfg["latency_steps"]:
         ids = [sp.bos_id()] + sp.encode(prompts[i % len(prompts)])
-        steps = min(per_generation, cfg["latency_steps"] - generated, model.cfg.max_seq_length - len(ids))
-        gen = model.generate(ids, steps, temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"],
-                             generator=torch.Generator().manual_seed(cfg["gen_seed"] + i))
+        steps = min(per_generation, cfg["latency_steps"] - generated, max_seq_length - len(ids))
+        gen = generate(ids, steps, cfg["gen_seed"] + i)
         t = time.perf_counter()
         for _ in gen:
             now = time.perf_counter()
@@ -133,11 +158,11 @@ def measure_latency(model, sp, cfg) -> dict:
 
 
 def main(cfg):
-    model, sp, _ = load_model_and_tokenizer(cfg)
+    generate, sp, max_seq_length = (onnx_runtime if cfg["runtime"] == "onnx" else torch_runtime)(cfg)
     if cfg["latency_steps"]:
-        print(json.dumps(measure_latency(model, sp, cfg)))
+        print(json.dumps({"runtime": cfg["runtime"], **measure_latency(generate, sp, max_seq_length, cfg)}))
         return
-    stream(model, sp, cfg["prompt"], cfg)
+    stream(generate, sp, cfg["prompt"], cfg)
 
 
 if __name__ == "__main__":

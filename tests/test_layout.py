@@ -22,7 +22,7 @@ from lib.code_files import code_files, local_imports  # noqa: E402
 SCRIPTS = sorted((REPO / "stages").glob("*.py"))
 MODULES = sorted((REPO / "stages" / "lib").glob("*.py")) + sorted((REPO / "model").glob("*.py"))
 # The stages whose outputs are files make tracks (the others always run).
-FILE_STAGES = {"download.py", "prepare.py", "train_tokenizer.py", "encode.py", "train.py", "evaluate.py"}
+FILE_STAGES = {"download.py", "prepare.py", "train_tokenizer.py", "encode.py", "train.py", "evaluate.py", "export.py"}
 
 
 def has_main_block(path: Path) -> bool:
@@ -48,7 +48,7 @@ def make_database() -> dict[str, list[str]]:
 
 
 def test_stages_holds_scripts_and_lib_holds_modules():
-    assert {p.name for p in SCRIPTS} >= FILE_STAGES | {"check.py", "generate.py", "bench.py", "sweep.py"}
+    assert {p.name for p in SCRIPTS} >= FILE_STAGES | {"check.py", "generate.py", "list_runs.py", "bench.py", "sweep.py"}
     for script in SCRIPTS:
         assert has_main_block(script), f"{script.name} in stages/ is not a script (no __main__ block)"
     for module in MODULES:

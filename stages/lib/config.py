@@ -108,7 +108,8 @@ def resolve_config(parser: argparse.ArgumentParser, stage: str, argv=None, valid
     defaults = load_yaml(args.config)
     errors: list[str] = []
 
-    known_sections = {"paths", "check", "download", "prepare", "tokenizer", "encode", "train", "evaluate", "generate"}
+    known_sections = {"paths", "check", "download", "prepare", "tokenizer", "encode", "train", "evaluate", "generate",
+                      "export"}
     for section in defaults:
         if section not in known_sections:
             errors.append(f"unknown section '{section}' in {args.config} (known: {', '.join(sorted(known_sections))})")
@@ -217,4 +218,5 @@ def stage_paths(cfg: dict) -> dict[str, Path]:
         "archive": art / "checkpoints-archive",
         "eval": art / "eval",
         "bench": art / "bench",
+        "export": art / "export",
     }

@@ -1,0 +1,212 @@
+"""Stage 7 (after training, not part of make all): export the model -> artifacts/export/{hf,onnx}/, proven equal.
+
+    make export                              # artifacts/checkpoints/best_model.pt
+    make export CHECKPOINT=final_model.pt    # another checkpoint (a name in artifacts/checkpoints/, or a path)
+    python stages/export.py --checkpoint best_model.pt
+
+hf/    a Hugging Face folder that `transformers` loads offline (AutoModelForCausalLM,
+       AutoTokenizer): GPT-2 config, safetensors weights, generation config, the
+       tokenizer (the same unigram pieces, byte fallback, special tokens), a model card.
+onnx/  model.onnx (with a key/value cache), model.json and spm.model: generation on
+       onnxruntime + numpy + sentencepiece, without torch (`make generate RUNTIME=onnx`).
+
+Then, in a fresh process, the proofs of lib/export_proofs.py (token ids, logits,
+greedy generation); a proof that fails fails the stage. Then both runtimes are timed
+the same way, each in a fresh process (generate.py --latency-steps): benchmark.json.
+Everything is written under artifacts/export/.staging-PID/ and renamed into place only
+when complete and proven, so a failed or interrupted export never looks finished.
+export.json (the proofs' figures) is written last: it is what make waits for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from lib.config import check_positive, log_config, public, resolve_config, stage_parser, stage_paths
+from lib.errors import PipelineError, log, run_stage
+from lib.files import read_json, write_json_atomic, write_text_atomic
+
+RUNTIME_KEYS = ("p50_ms", "p95_ms", "tokens_per_s", "rss_mb", "peak_rss_mb")
+
+
+def build_parser():
+    p = stage_parser("export", __doc__)
+    p.add_argument("--checkpoint", type=str, default=None, help="file in artifacts/checkpoints/ or a path")
+    p.add_argument("--hf-greedy-tokens", type=int, default=None)
+    p.add_argument("--onnx-greedy-tokens", type=int, default=None)
+    p.add_argument("--logit-windows", type=int, default=None)
+    p.add_argument("--max-logit-diff", type=float, default=None)
+    p.add_argument("--latency-steps", type=int, default=None)
+    p.add_argument("--proof-prompts", type=str, nargs="+", default=None)
+    p.add_argument("--prove", type=str, default="", help=argparse.SUPPRESS)  # internal: the proofs' fresh process
+    return p
+
+
+def validate(cfg):
+    errors = []
+    check_positive(cfg, ["hf_greedy_tokens", "onnx_greedy_tokens", "logit_windows", "max_logit_diff", "latency_steps"], errors)
+    return errors
+
+
+def load_trained(cfg: dict, paths: dict):
+    """The checkpoint as a model, its payload and the tokenizer; clear errors for what is missing or wrong."""
+    import sentencepiece as spm
+
+    from lib.checkpoints import checkpoint_path, load_model
+
+    path = checkpoint_path(cfg)
+    if not path.exists():
+        raise PipelineError(f"no trained model at {path}, so there is nothing to export",
+                            "train one first: `make train` (or `make all`), then `make export`", "interrupted-runs-and-resume")
+    tokenizer = read_json(paths["tokenizer"] / "tokenizer.json", "tokenizer sidecar", "run `make tokenizer`")
+    model, payload = load_model(path, tokenizer["model_sha256"])
+    sp = spm.SentencePieceProcessor(model_file=str(paths["tokenizer"] / "spm.model"))
+    return path, model.float().eval(), payload, sp
+
+
+def special_ids(sp) -> dict:
+    return {"pad_id": sp.pad_id(), "unk_id": sp.unk_id(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id()}
+
+
+def write_exports(model, sp, paths: dict, staging: Path) -> None:
+    import logging
+
+    import transformers
+
+    from lib.hf_export import gpt2_model, hf_tokenizer
+    from lib.onnx_export import export_onnx
+
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+
+    hf_dir, onnx_dir = staging / "hf", staging / "onnx"
+    hf_dir.mkdir(parents=True)
+    onnx_dir.mkdir()
+    hf_tokenizer(paths["tokenizer"] / "spm.model", model.cfg.max_seq_length).save_pretrained(hf_dir)
+    gpt2_model(model, special_ids(sp)).save_pretrained(hf_dir)
+    log(f"Hugging Face folder written: {', '.join(sorted(p.name for p in hf_dir.iterdir()))}")
+    export_onnx(model, onnx_dir, special_ids(sp))
+    shutil.copy2(paths["tokenizer"] / "spm.model", onnx_dir / "spm.model")
+    log(f"ONNX model written: {(onnx_dir / 'model.onnx').stat().st_size / 1e6:.1f} MB with its key/value cache inputs")
+    for path in staging.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors writes 0600: the folder is meant to be shared
+
+
+def fresh_process(cfg: dict, args: list[str], script: str = "export.py") -> dict:
+    """Run a stage script in a new interpreter; its result is its last stdout line that is JSON."""
+    cmd = [sys.executable, str(Path(__file__).with_name(script)), "--config", cfg["_config"], "--data-dir", cfg["data_dir"],
+           "--artifacts-dir", cfg["artifacts_dir"], *args]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PipelineError(f"{script} {' '.join(args)} failed in its own process:\n{result.stderr.strip()[-3000:]}")
+    return json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def prove(cfg: dict) -> None:
+    """--prove STAGING: the proofs, in this (fresh) process, printed as one JSON line."""
+    import numpy as np
+
+    from lib.export_proofs import run_proofs
+
+    paths, staging = stage_paths(cfg), Path(cfg["prove"])
+    _, model, _, sp = load_trained(cfg, paths)
+    val_text = (paths["prepared"] / "val.txt").read_text(encoding="utf-8")
+    val_tokens = np.load(paths["encoded"] / "val.npy", mmap_mode="r")
+    print(json.dumps(run_proofs(staging / "hf", staging / "onnx", model, sp, val_text, val_tokens, cfg)))
+
+
+def check_proofs(proofs: dict) -> None:
+    tok, logits, greedy = proofs["tokenizer"], proofs["logits"], proofs["greedy"]
+    log(f"proof tokenizer: {tok['mismatches']} mismatches in {tok['strings']} strings (validation lines + hard strings)")
+    log(f"proof logits: max |HF - ours| = {logits['max_abs_diff']:.2e} on {logits['windows']} windows of "
+        f"{logits['window_tokens']} tokens (limit {logits['limit']:.0e})")
+    for run in greedy["runs"]:
+        log(f"proof greedy [{run['runtime']}] {run['prompt']!r}: {run['tokens']} tokens "
+            f"{'identical' if run['identical'] else 'DIFFER from token ' + str(run['first_difference'])}")
+    failed = [name for name in ("tokenizer", "logits", "greedy") if not proofs[name]["passed"]]
+    if failed:
+        raise PipelineError(f"the export does not compute what the model computes: the {', '.join(failed)} proof failed "
+                            f"(details above); nothing was written to artifacts/export/",
+                            "report it with the lines above; the trained model itself is unaffected")
+
+
+def benchmark(cfg: dict, checkpoint: Path, onnx_dir: Path) -> dict:
+    """The same latency measurement for both runtimes, each in a fresh process, one thread."""
+    common = ["--latency-steps", str(cfg["latency_steps"]), "--temperature", "0.8", "--top-k", "50"]
+    figures = {"torch": fresh_process(cfg, [*common, "--runtime", "torch", "--checkpoint", str(checkpoint)], "generate.py"),
+               "onnx": fresh_process(cfg, [*common, "--runtime", "onnx", "--onnx-dir", str(onnx_dir)], "generate.py")}
+    log(f"{'runtime':>8} {'p50 ms':>8} {'p95 ms':>8} {'tokens/s':>9} {'RSS MB':>7} {'peak RSS MB':>12}")
+    for name, f in figures.items():
+        log(f"{name:>8} {f['p50_ms']:8.2f} {f['p95_ms']:8.2f} {f['tokens_per_s']:9.0f} {f['rss_mb']:7.0f} {f['peak_rss_mb']:12.0f}")
+    return {name: {key: f[key] for key in RUNTIME_KEYS} | {"steps": f["steps"]} for name, f in figures.items()}
+
+
+def write_model_card(payload: dict, model, paths: dict, staging: Path, proofs: dict) -> None:
+    from lib.hf_export import model_card
+
+    corpus = paths["raw"] / "corpus.json"
+    report = paths["eval"] / "report.json"
+    card = model_card(payload, sum(p.numel() for p in model.parameters()),
+                      json.loads(corpus.read_text()) if corpus.exists() else None,
+                      json.loads(report.read_text()) if report.exists() else None, proofs)
+    write_text_atomic(staging / "hf" / "README.md", card)
+
+
+def remove_stale_staging(export_dir: Path) -> None:
+    """Staging folders of exports that were killed (their process is gone) are only litter."""
+    for folder in export_dir.glob(".staging-*"):
+        pid = int(folder.name.rsplit("-", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def move_into_place(staging: Path, export_dir: Path) -> None:
+    """Replace hf/ and onnx/ by their new versions; the old ones are removed only once the new are in place."""
+    for name in ("hf", "onnx"):
+        target, old = export_dir / name, staging / f"old-{name}"
+        if target.exists():
+            target.rename(old)
+        (staging / name).rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main(cfg):
+    if cfg["prove"]:
+        return prove(cfg)
+    log_config(cfg)
+    paths = stage_paths(cfg)
+    checkpoint, model, payload, sp = load_trained(cfg, paths)
+    log(f"exporting {checkpoint} (epoch {payload.get('epoch')}, {sum(p.numel() for p in model.parameters()):,} parameters)")
+    export_dir = paths["export"]
+    remove_stale_staging(export_dir)
+    staging = export_dir / f".staging-{os.getpid()}"
+    try:
+        write_exports(model, sp, paths, staging)
+        proofs = fresh_process(cfg, ["--checkpoint", str(checkpoint), "--prove", str(staging)])
+        check_proofs(proofs)
+        write_model_card(payload, model, paths, staging, proofs)
+        bench = benchmark(cfg, checkpoint, staging / "onnx")
+        move_into_place(staging, export_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_json_atomic(export_dir / "benchmark.json", bench)
+    summary = {"checkpoint": str(checkpoint), "epoch": payload.get("epoch"), "fingerprint": payload.get("fingerprint"),
+               "hf": str(export_dir / "hf"), "onnx": str(export_dir / "onnx"), "proofs": proofs, "benchmark": bench,
+               "config": public(cfg)}
+    write_json_atomic(export_dir / "export.json", summary)  # last: make's target for this stage
+    log(f"exported to {export_dir / 'hf'} and {export_dir / 'onnx'}; figures in {export_dir / 'benchmark.json'}")
+
+
+if __name__ == "__main__":
+    config = resolve_config(build_parser(), "export", validate=validate)
+    run_stage(main, config)
