@@ -1,14 +1,22 @@
 """TinyTransformer: a decoder-only language model in the GPT-2 layout.
 
     token ids (B, T)
-      -> token embedding (B, T, d) + learned position embedding (T, d)
+      -> token embedding (B, T, d) [+ learned position embedding (T, d)]
       -> n_layers x [ x + Attn(LN(x)) ; x + MLP(LN(x)) ]       (pre-norm blocks)
       -> final LayerNorm -> logits = h @ token_embedding.T   (tied weights)
 
+Positions enter in one of two ways (ModelConfig.positions): "learned", a table of
+position vectors added to the input (GPT-2), or "rotary", queries and keys rotated by
+angles proportional to their position inside attention (RoFormer, GPT-NeoX), which
+leaves attention scores depending on relative positions and needs no table. The MLP's
+activation is the exact GELU, ReLU or squared ReLU (ModelConfig.activation).
+
 Names follow GPT-2 (wte, wpe, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
-mlp.c_proj, ln_f) so the weights map one to one onto Hugging Face's GPT2LMHeadModel
-(whose Conv1D weights are these Linear weights transposed; activation_function "gelu":
-the exact GELU, which PyTorch's CPU kernels run 3x faster than the tanh approximation).
+mlp.c_proj, ln_f): with learned positions and GELU the weights map one to one onto
+Hugging Face's GPT2LMHeadModel (whose Conv1D weights are these Linear weights
+transposed; activation_function "gelu": the exact GELU, which PyTorch's CPU kernels run
+3x faster than the tanh approximation); with rotary positions onto GPTNeoXForCausalLM
+(stages/lib/hf_export.py).
 """
 
 from __future__ import annotations
@@ -31,9 +39,57 @@ class ModelConfig:
     mlp_ratio: int = 4
     dropout: float = 0.0
     max_seq_length: int = 128
+    # These defaults are the first architecture, so that its checkpoints (which lack
+    # the keys) load as they were trained; config/defaults.yaml picks today's.
+    positions: str = "learned"     # "learned": a position table added to the input; "rotary": q, k rotated
+    rotary_base: float = 10000.0   # the slowest rotation's period grows with this base
+    rotary_fraction: float = 1.0   # share of each head's dimensions that rotate (the rest carry no position)
+    activation: str = "gelu"       # MLP: "gelu" (exact), "relu", or "relu2" (squared ReLU)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def rotary_dims(self) -> int:
+        """Rotated dimensions per head: an even number (dimensions rotate in pairs)."""
+        return int(self.d_model // self.n_heads * self.rotary_fraction) // 2 * 2
+
+
+def model_config(cfg: dict, vocab_size: int) -> ModelConfig:
+    """The model's shape from the training settings (train.py's flags / the YAML's train section)."""
+    return ModelConfig(vocab_size=vocab_size, n_layers=cfg["n_layers"], d_model=cfg["d_model"], n_heads=cfg["n_heads"],
+                       mlp_ratio=cfg["mlp_ratio"], dropout=cfg["dropout"], max_seq_length=cfg["max_seq_length"],
+                       positions=cfg["positions"], rotary_base=cfg["rotary_base"],
+                       rotary_fraction=cfg["rotary_fraction"], activation=cfg["activation"])
+
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "relu2": lambda x: F.relu(x).square()}
+
+
+def rotary_tables(positions: torch.Tensor, dims: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, dims) of each position's rotation angles: pair i turns by position / base^(2i/dims).
+
+    Dimension j and j + dims/2 form a pair (GPT-NeoX's convention, so the weights map
+    onto its Hugging Face implementation unchanged).
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float, device=positions.device) / dims))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dimensions of x (B, heads, T, head_dim) by their position's angles.
+
+    A query at position m and a key at position n rotated this way have a dot product
+    that depends on their content and on m - n only: attention sees relative positions.
+    """
+    dims = cos.shape[-1]
+    rotated, passed = x[..., :dims], x[..., dims:]
+    first, second = rotated[..., : dims // 2], rotated[..., dims // 2:]
+    turned = torch.cat([-second, first], dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([rotated * cos + turned * sin, passed], dim=-1)
 
 
 class _DropoutFunction(torch.autograd.Function):
@@ -87,11 +143,13 @@ class CausalSelfAttention(nn.Module):
         # probabilities: there, PyTorch's fused attention (the fp32 path) needs a slower kernel.
         self.resid_dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None, rotary=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, heads, T, head_dim): each head attends in its own subspace
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if rotary is not None:  # keys are cached rotated: each keeps the position it was made at
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k = torch.cat([cache[0], k], dim=2)
             v = torch.cat([cache[1], v], dim=2)
@@ -131,9 +189,12 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model)
         self.c_proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
         self.dropout = Dropout(cfg.dropout)
+        if cfg.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {cfg.activation!r}")
+        self.activation = ACTIVATIONS[cfg.activation]
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -142,8 +203,8 @@ class Block(nn.Module):
         self.ln_1, self.attn = nn.LayerNorm(cfg.d_model), CausalSelfAttention(cfg)
         self.ln_2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
 
-    def forward(self, x, cache=None):
-        attn_out, new_cache = self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, rotary=None):
+        attn_out, new_cache = self.attn(self.ln_1(x), cache, rotary)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x))
         return x, new_cache
@@ -155,8 +216,11 @@ class TinyTransformer(nn.Module):
         if cfg.d_model % cfg.n_heads:
             raise ValueError(f"d_model ({cfg.d_model}) must be divisible by n_heads ({cfg.n_heads})")
         self.cfg = cfg
+        if cfg.positions not in ("learned", "rotary"):
+            raise ValueError(f"positions must be 'learned' or 'rotary', got {cfg.positions!r}")
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.max_seq_length, cfg.d_model)
+        if cfg.positions == "learned":
+            self.wpe = nn.Embedding(cfg.max_seq_length, cfg.d_model)
         self.drop = Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -196,10 +260,14 @@ class TinyTransformer(nn.Module):
         if start_pos + T > self.cfg.max_seq_length:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_length {self.cfg.max_seq_length}")
         pos = torch.arange(start_pos, start_pos + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        if self.cfg.positions == "learned":
+            x, rotary = self.wte(idx) + self.wpe(pos), None
+        else:
+            x, rotary = self.wte(idx), rotary_tables(pos, self.cfg.rotary_dims, self.cfg.rotary_base)
+        x = self.drop(x)
         new_caches = []
         for i, block in enumerate(self.h):
-            x, cache = block(x, None if caches is None else caches[i])
+            x, cache = block(x, None if caches is None else caches[i], rotary)
             new_caches.append(cache)
         return self.ln_f(x), new_caches
 

@@ -38,7 +38,7 @@ from lib.files import write_json_atomic
 from lib.hardware import keep_freed_memory, resolve_dtype
 from lib.optim import make_optimizer, train_step
 from lib.regularisation import resolve_dropout
-from model import ModelConfig, TinyTransformer
+from model import ModelConfig, TinyTransformer, model_config
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -62,10 +62,7 @@ def step_throughput(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torc
     """Tokens/s of train.py's own training step (same model, dropout and optimizer) on fixed batches."""
     torch.manual_seed(0)
     T, B = train_cfg["max_seq_length"], train_cfg["batch_size"]
-    mcfg = ModelConfig(vocab_size=vocab, n_layers=train_cfg["n_layers"], d_model=train_cfg["d_model"],
-                       n_heads=train_cfg["n_heads"], mlp_ratio=train_cfg["mlp_ratio"],
-                       dropout=resolve_dropout(train_cfg["dropout"], tokens.size)[0],
-                       max_seq_length=T)
+    mcfg = model_config({**train_cfg, "dropout": resolve_dropout(train_cfg["dropout"], tokens.size)[0]}, vocab)
     model = TinyTransformer(mcfg).train()
     optimizer = make_optimizer(model, train_cfg, torch.device("cpu"))
     autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)

@@ -55,7 +55,7 @@ from lib.optim import lr_at, make_optimizer, train_step
 from lib.regularisation import dropout_setting, noise_inputs, resolve_dropout
 from lib.runs import acquire_lock, choose_start, fingerprint, resume_command, run_identity
 from lib.samples import generate_samples, sample_prompts
-from model import ModelConfig, TinyTransformer
+from model import ModelConfig, TinyTransformer, model_config
 
 
 def build_parser():
@@ -65,6 +65,11 @@ def build_parser():
     a("--d-model", type=int, default=None)
     a("--n-heads", type=int, default=None)
     a("--mlp-ratio", type=int, default=None)
+    a("--positions", type=str, default=None, choices=["learned", "rotary"],
+      help="learned: a position table added to the input (GPT-2); rotary: queries and keys rotated by position")
+    a("--rotary-base", type=float, default=None, help="base of the rotation frequencies")
+    a("--rotary-fraction", type=float, default=None, help="share of each head's dimensions that rotate")
+    a("--activation", type=str, default=None, choices=["gelu", "relu", "relu2"], help="MLP activation; relu2 = squared ReLU")
     a("--dropout", type=dropout_setting, default=None,
       help="on embeddings and residual branches; 'auto' = 0.1, more for a training split under 650K tokens")
     a("--input-noise", type=float, default=None,
@@ -109,6 +114,9 @@ def validate(cfg):
         errors.append(f"dropout (--dropout) must be 'auto' or within [0, 1), got {cfg['dropout']}")
     if not 0 <= cfg["input_noise"] < 1:
         errors.append(f"input_noise (--input-noise) must be within [0, 1), got {cfg['input_noise']}")
+    if not 0 < cfg["rotary_fraction"] <= 1 or cfg["rotary_base"] <= 1:
+        errors.append(f"rotary_fraction must be within (0, 1] and rotary_base > 1, got {cfg['rotary_fraction']}, "
+                      f"{cfg['rotary_base']}")
     if not 0 <= cfg["min_lr_ratio"] <= 1:
         errors.append(f"min_lr_ratio (--min-lr-ratio) must be within [0, 1], got {cfg['min_lr_ratio']}")
     for key in ("beta1", "beta2"):
@@ -169,15 +177,14 @@ def setup(cfg: dict) -> Run:
     log(f"dropout {cfg['dropout']} ({why})")
 
     T = cfg["max_seq_length"]
-    mcfg = ModelConfig(vocab_size=data.tokenizer["vocab_size"], n_layers=cfg["n_layers"], d_model=cfg["d_model"],
-                       n_heads=cfg["n_heads"], mlp_ratio=cfg["mlp_ratio"], dropout=cfg["dropout"], max_seq_length=T)
+    mcfg = model_config(cfg, data.tokenizer["vocab_size"])
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"] % 2 ** 32)
     model = TinyTransformer(mcfg).to(device)
     n_params = model.num_parameters()
     log(f"model: {n_params:,} parameters ({mcfg.n_layers} layers, d_model {mcfg.d_model}, {mcfg.n_heads} heads, "
-        f"vocab {mcfg.vocab_size}, context {T}); device {device}, "
+        f"vocab {mcfg.vocab_size}, context {T}, {mcfg.positions} positions, {mcfg.activation}); device {device}, "
         f"{'bf16 autocast' if amp_dtype == torch.bfloat16 else 'float32'}, compile {'on' if cfg['compile'] else 'off'}")
     check_memory(cfg, n_params, mcfg.vocab_size)
     optimizer = make_optimizer(model, cfg, device)

@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from model.tiny_transformer import apply_rotary, rotary_tables
 
 OPSET = 20  # has LayerNormalization and Gelu as single operators
 
@@ -30,19 +31,24 @@ class CachedStep(torch.nn.Module):
         cached, new = past_keys.shape[3], input_ids.shape[1]
         heads, head_dim, width = cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.d_model
         positions = torch.arange(new) + cached
-        x = m.wte(input_ids) + m.wpe(positions)
+        if cfg.positions == "learned":
+            x, rotary = m.wte(input_ids) + m.wpe(positions), None
+        else:
+            x, rotary = m.wte(input_ids), rotary_tables(positions, cfg.rotary_dims, cfg.rotary_base)
         visible = torch.arange(cached + new)[None, :] <= positions[:, None]  # (new, cached + new)
         keys, values = [], []
         for i, block in enumerate(m.h):
             q, k, v = block.attn.c_attn(block.ln_1(x)).split(width, dim=2)
             q, k, v = (t.view(1, new, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+            if rotary is not None:
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
             k, v = torch.cat([past_keys[i], k], dim=2), torch.cat([past_values[i], v], dim=2)
             keys.append(k)
             values.append(v)
             scores = (q @ k.transpose(-1, -2)) * head_dim ** -0.5
             attention = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
             x = x + block.attn.c_proj((attention @ v).transpose(1, 2).reshape(1, new, width))
-            x = x + block.mlp.c_proj(F.gelu(block.mlp.c_fc(block.ln_2(x))))
+            x = x + block.mlp.c_proj(block.mlp.activation(block.mlp.c_fc(block.ln_2(x))))
         logits = m.ln_f(x[:, -1]) @ m.wte.weight.T
         return logits, torch.stack(keys), torch.stack(values)
 
