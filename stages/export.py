@@ -79,7 +79,7 @@ def write_exports(model, sp, paths: dict, staging: Path) -> None:
 
     import transformers
 
-    from lib.hf_export import gpt2_model, hf_tokenizer
+    from lib.hf_export import hf_model, hf_tokenizer
     from lib.onnx_export import export_onnx
 
     transformers.utils.logging.disable_progress_bar()
@@ -89,7 +89,7 @@ def write_exports(model, sp, paths: dict, staging: Path) -> None:
     hf_dir.mkdir(parents=True)
     onnx_dir.mkdir()
     hf_tokenizer(paths["tokenizer"] / "spm.model", model.cfg.max_seq_length).save_pretrained(hf_dir)
-    gpt2_model(model, special_ids(sp)).save_pretrained(hf_dir)
+    hf_model(model, special_ids(sp)).save_pretrained(hf_dir)
     log(f"Hugging Face folder written: {', '.join(sorted(p.name for p in hf_dir.iterdir()))}")
     export_onnx(model, onnx_dir, special_ids(sp))
     shutil.copy2(paths["tokenizer"] / "spm.model", onnx_dir / "spm.model")

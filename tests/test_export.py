@@ -51,7 +51,8 @@ def test_export_writes_folders_whose_proofs_hold(exported):
     assert bench["onnx"]["peak_rss_mb"] < bench["torch"]["peak_rss_mb"], "the ONNX runtime carries no torch"
     assert not list(out.glob(".staging-*"))
     card = (out / "hf" / "README.md").read_text()
-    assert "Intended use and limits" in card and "GPT2LMHeadModel" in card
+    architecture = json.loads((out / "hf" / "config.json").read_text())["architectures"][0]
+    assert "Intended use and limits" in card and architecture in card
 
 
 def test_transformers_loads_the_export_and_generates_our_tokens(exported):
@@ -131,3 +132,16 @@ def test_killed_export_never_looks_finished(trained, tmp_path):
     assert not (out / "hf").exists() and not (out / "onnx").exists() and not (out / "export.json").exists()
     ws.run("export.py", "--latency-steps", "30")
     assert (out / "export.json").exists() and not list(out.glob(".staging-*")), "the next export cleans up"
+
+
+def test_both_architectures_export_with_passing_proofs(encoded):
+    """Learned positions map onto GPT-2, rotary positions onto GPT-NeoX; both prove equal."""
+    for positions, activation, architecture in (("learned", "relu", "GPT2LMHeadModel"),
+                                                ("rotary", "gelu", "GPTNeoXForCausalLM")):
+        encoded.run("train.py", "--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--max-seq-length", "32",
+                    "--batch-size", "16", "--epochs", "1", "--dtype", "float32", "--threads", "1",
+                    "--positions", positions, "--activation", activation, "--rotary-fraction", "0.5")
+        encoded.run("export.py", "--latency-steps", "20", "--onnx-greedy-tokens", "40")
+        out = encoded.artifacts / "export"
+        assert json.loads((out / "hf" / "config.json").read_text())["architectures"] == [architecture]
+        assert json.loads((out / "export.json").read_text())["proofs"]["passed"]

@@ -154,3 +154,46 @@ def test_too_long_input_is_refused():
         assert "max_seq_length" in str(exc)
     else:
         raise AssertionError("expected ValueError")
+
+
+ROTARY = dict(positions="rotary", activation="relu2")
+
+
+def test_rotary_kv_cache_and_sliding_window_equal_full_recomputation():
+    """Cached keys keep the rotation of the position they were made at; after the window
+    slides, positions restart at 0 in both paths."""
+    for fraction in (1.0, 0.5):
+        model = make_model(cfg=ModelConfig(vocab_size=300, n_layers=2, d_model=32, n_heads=2, max_seq_length=24,
+                                           rotary_fraction=fraction, **ROTARY))
+        assert not hasattr(model, "wpe"), "rotary positions need no position table"
+        prompt = [2, 17, 42, 99]
+        cached = list(model.generate(prompt, 40, temperature=0))  # 44 tokens > context 24: the window slides
+        assert cached == list(model.generate(prompt, 40, temperature=0, use_cache=False))
+        x = torch.randint(0, 300, (1, 20))
+        with torch.no_grad():
+            full, _ = model.hidden_states(x)
+            first, caches = model.hidden_states(x[:, :12])
+            rest, _ = model.hidden_states(x[:, 12:13], caches, start_pos=12)
+        assert torch.allclose(full[:, :12], first, atol=1e-5) and torch.allclose(full[:, 12], rest[:, 0], atol=1e-5)
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    from model.tiny_transformer import apply_rotary, rotary_tables
+
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(query_position, key_position):
+        cos_q, sin_q = rotary_tables(torch.tensor([query_position]), 16, 10000.0)
+        cos_k, sin_k = rotary_tables(torch.tensor([key_position]), 16, 10000.0)
+        return float((apply_rotary(q, cos_q, sin_q) * apply_rotary(k, cos_k, sin_k)).sum())
+
+    assert abs(score(7, 3) - score(57, 53)) < 1e-4 and abs(score(7, 3) - score(8, 3)) > 1e-4
+
+
+def test_activations_keep_the_parameter_count():
+    counts = {act: make_model(cfg=ModelConfig(vocab_size=300, n_layers=2, d_model=32, n_heads=2, max_seq_length=24,
+                                              activation=act)).num_parameters() for act in ("gelu", "relu", "relu2")}
+    assert len(set(counts.values())) == 1
+    x = torch.linspace(-2, 2, 9)
+    from model.tiny_transformer import ACTIVATIONS
+    assert torch.equal(ACTIVATIONS["relu2"](x), torch.relu(x) ** 2)
