@@ -113,7 +113,7 @@ help: ## list targets and variables
 	@echo "  tokenizer  VOCAB_SIZE=8000"
 	@echo "  train      LR=0.0015 EPOCHS=20 BATCH_SIZE=64 SEQ_LEN=128 WARMUP=100 MIN_LR_RATIO=0.1 DROPOUT=auto INPUT_NOISE=0.2"
 	@echo "             WEIGHT_DECAY=0.1 GRAD_CLIP=1.0 SEED=1337 N_LAYERS=2 D_MODEL=128 N_HEADS=4"
-	@echo "             POSITIONS=rotary|learned ACTIVATION=relu2|gelu|relu"
+	@echo "             POSITIONS=learned|rotary ACTIVATION=gelu|relu|relu2"
 	@echo "             CHECKPOINT_EVERY=5 SAMPLE_EVERY=5 RESUME=auto|yes|no DEVICE=cpu DTYPE=auto|float32|bfloat16"
 	@echo "             COMPILE=yes|no THREADS=0"
 	@echo "  evaluate   CHECKPOINT=best_model.pt TEMPERATURE=0.8 TOP_K=50 TOP_P=1.0"

@@ -71,7 +71,7 @@ def build_parser():
     a("--rotary-fraction", type=float, default=None, help="share of each head's dimensions that rotate")
     a("--activation", type=str, default=None, choices=["gelu", "relu", "relu2"], help="MLP activation; relu2 = squared ReLU")
     a("--dropout", type=dropout_setting, default=None,
-      help="on embeddings and residual branches; 'auto' = 0.2, more for a training split under 650K tokens")
+      help="on embeddings and residual branches; 'auto' = 0.1, more for a training split under 650K tokens")
     a("--input-noise", type=float, default=None,
       help="share of input tokens replaced by random tokens of the training text (targets stay clean)")
     a("--max-seq-length", type=int, default=None, help="tokens per window; the model's context")
