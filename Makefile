@@ -53,7 +53,8 @@ CODE_prepare   := stages/prepare.py $(BASE_CODE)
 CODE_tokenizer := stages/train_tokenizer.py $(BASE_CODE)
 CODE_encode    := stages/encode.py $(BASE_CODE)
 CODE_train     := stages/train.py $(BASE_CODE) $(MODEL_CODE) $(addprefix $(LIB)/,batches.py checkpoints.py code_files.py \
-                  faults.py hardware.py language.py memory.py optim.py regularisation.py runs.py samples.py)
+                  faults.py hardware.py language.py memory.py optim.py regularisation.py runs.py samples.py \
+                  training_state.py)
 # evaluate.py also runs generate.py, to time inference in a fresh process
 CODE_evaluate  := stages/evaluate.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) \
                   $(addprefix $(LIB)/,batches.py checkpoints.py language.py onnx_runtime.py run_summary.py)

@@ -20,8 +20,9 @@ Resume (FR-006): an unfinished run with identical data, tokenizer, code and conf
 is resumed exactly (optimizer, schedule, RNG, position in the epoch; lib/runs.py).
 Ctrl+C or SIGTERM stops at the next step, saves last.pt and exits 130 / 143.
 
-main() at the bottom is the outline: setup() builds what is fixed for the run,
-train_epoch() walks the batches, measure_epoch() and end_of_epoch() evaluate, log, save.
+main() at the bottom is the outline: setup() builds what is fixed for the run (a Run;
+its changing part is a Progress, both in lib/training_state.py), train_epoch() walks the
+batches, measure_epoch() and end_of_epoch() evaluate, log, save.
 """
 
 from __future__ import annotations
@@ -36,15 +37,14 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.batches import TrainingData, epoch_windows, get_batch, load_training_data, mean_loss
-from lib.checkpoints import restore_rng_state, rng_state, save_checkpoint
+from lib.batches import epoch_windows, get_batch, load_training_data, mean_loss
+from lib.checkpoints import save_checkpoint
 from lib.config import check_positive, log_config, public, resolve_config, stage_parser, stage_paths
 from lib.errors import EXIT_SIGINT, EXIT_SIGTERM, PipelineError, log, run_stage
 from lib.faults import StopRequest, inject_fault
@@ -55,7 +55,8 @@ from lib.optim import lr_at, make_optimizer, train_step
 from lib.regularisation import dropout_setting, noise_inputs, resolve_dropout
 from lib.runs import acquire_lock, choose_start, fingerprint, resume_command, run_identity
 from lib.samples import generate_samples, sample_prompts
-from model import ModelConfig, TinyTransformer, model_config
+from lib.training_state import Progress, Run, model_checkpoint, restore, training_checkpoint
+from model import TinyTransformer, model_config
 
 
 def build_parser():
@@ -130,41 +131,6 @@ def validate(cfg):
 # ----------------------------------------------------------------------------- setup
 
 
-@dataclass
-class Run:
-    """Everything fixed for the whole run: settings, data, model, optimizer, schedule, identity."""
-    cfg: dict
-    paths: dict
-    device: torch.device
-    autocast: object  # a context-manager factory: bf16 autocast, or nullcontext
-    data: TrainingData  # token files, their windows, the tokenizer
-    prompts: dict
-    model_config: ModelConfig
-    model: TinyTransformer
-    optimizer: torch.optim.Optimizer
-    windows_by_epoch: list
-    total_steps: int
-    identity: dict
-    fingerprint: str
-
-    @property
-    def dir(self) -> Path:
-        return self.paths["checkpoints"]
-
-
-@dataclass
-class Progress:
-    """What changes as training goes: saved in last.pt, restored on resume."""
-    epoch: int = 0
-    position: int = 0  # batches already done in the current epoch
-    step: int = 0
-    best_val: float = float("inf")
-    history: list = field(default_factory=list)
-    running_sum: float = 0.0
-    running_count: int = 0
-    first_step: int = 0  # the step this process started at (torch.compile may fall back only there)
-
-
 def setup(cfg: dict) -> Run:
     paths = stage_paths(cfg)
     torch.set_num_threads(cfg["threads"] or os.cpu_count() or 1)
@@ -197,41 +163,6 @@ def setup(cfg: dict) -> Run:
     return Run(cfg=cfg, paths=paths, device=device, autocast=autocast, prompts=prompts, model_config=mcfg, model=model,
                optimizer=optimizer, windows_by_epoch=windows_by_epoch, total_steps=total_steps, identity=identity,
                fingerprint=fingerprint(identity), data=data)
-
-
-def restore(run: Run, ckpt: dict | None) -> Progress:
-    """A fresh Progress, or the one saved in `ckpt` with the model, optimizer and random state."""
-    if ckpt is None:
-        (run.dir / "metrics.jsonl").unlink(missing_ok=True)
-        return Progress()
-    if ckpt["model_config"] != run.model_config.to_dict():
-        raise PipelineError(f"the checkpoint's model shape {ckpt['model_config']} differs from {run.model_config.to_dict()}",
-                            "use RESUME=no to start over", "checkpoint-and-tokenizer-mismatch")
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    restore_rng_state(ckpt["rng"])
-    return Progress(epoch=ckpt["epoch"], position=ckpt["position"], step=ckpt["step"], best_val=ckpt["best_val_loss"],
-                    history=list(ckpt["history"]), running_sum=ckpt["running_loss_sum"],
-                    running_count=ckpt["running_loss_count"], first_step=ckpt["step"])
-
-
-# ----------------------------------------------------------------------------- checkpoint contents
-
-
-def model_checkpoint(run: Run, state: Progress, kind: str, epoch: int, **extra) -> dict:
-    """best_model.pt / final_model.pt: the weights and what they are (see lib/checkpoints.py)."""
-    return {"kind": kind, "model": run.model.state_dict(), "model_config": run.model_config.to_dict(),
-            "config": public(run.cfg), "tokenizer_sha256": run.data.tokenizer["model_sha256"], "fingerprint": run.fingerprint,
-            "epoch": epoch, "step": state.step, "best_val_loss": state.best_val, **extra}
-
-
-def training_checkpoint(run: Run, state: Progress, kind: str, epoch: int, position: int) -> dict:
-    """last.pt / epoch_NNN.pt: a model checkpoint plus all that an exact resume needs."""
-    return model_checkpoint(
-        run, state, kind, epoch, position=position, history=state.history, optimizer=run.optimizer.state_dict(),
-        scheduler={"kind": "warmup-cosine", "step": state.step, "total_steps": run.total_steps,
-                   "warmup_steps": run.cfg["warmup_steps"], "min_lr_ratio": run.cfg["min_lr_ratio"]},
-        running_loss_sum=state.running_sum, running_loss_count=state.running_count, rng=rng_state())
 
 
 # ----------------------------------------------------------------------------- the loop
