@@ -67,7 +67,7 @@ def load_trained(cfg: dict, paths: dict):
     tokenizer = read_json(paths["tokenizer"] / "tokenizer.json", "tokenizer sidecar", "run `make tokenizer`")
     model, payload = load_model(path, tokenizer["model_sha256"])
     sp = spm.SentencePieceProcessor(model_file=str(paths["tokenizer"] / "spm.model"))
-    return path, model.float().eval(), payload, sp
+    return path, model, payload, sp  # load_model gives float32 weights in eval mode
 
 
 def special_ids(sp) -> dict:
@@ -152,7 +152,7 @@ def write_model_card(payload: dict, model, paths: dict, staging: Path, proofs: d
 
     corpus = paths["raw"] / "corpus.json"
     report = paths["eval"] / "report.json"
-    card = model_card(payload, sum(p.numel() for p in model.parameters()),
+    card = model_card(payload, model.num_parameters(),
                       json.loads(corpus.read_text()) if corpus.exists() else None,
                       json.loads(report.read_text()) if report.exists() else None, proofs)
     write_text_atomic(staging / "hf" / "README.md", card)
@@ -186,7 +186,7 @@ def main(cfg):
     log_config(cfg)
     paths = stage_paths(cfg)
     checkpoint, model, payload, sp = load_trained(cfg, paths)
-    log(f"exporting {checkpoint} (epoch {payload.get('epoch')}, {sum(p.numel() for p in model.parameters()):,} parameters)")
+    log(f"exporting {checkpoint} (epoch {payload.get('epoch')}, {model.num_parameters():,} parameters)")
     export_dir = paths["export"]
     remove_stale_staging(export_dir)
     staging = export_dir / f".staging-{os.getpid()}"

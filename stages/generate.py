@@ -57,7 +57,8 @@ def validate(cfg):
 
 
 def torch_runtime(cfg):
-    """The trained checkpoint on PyTorch: a generate(prompt_ids, n, seed) function, the tokenizer, the context."""
+    """The trained checkpoint on PyTorch: a generate(prompt_ids, n, seed, eos_id=None) function, the tokenizer,
+    the context. The latency measurement leaves eos_id out: it times every step it asks for."""
     import sentencepiece as spm
     import torch
 
@@ -74,9 +75,9 @@ def torch_runtime(cfg):
     if cfg["latency_steps"]:
         torch.set_num_threads(1)  # the documented target is single-thread tokens/s
 
-    def generate(prompt_ids, max_new_tokens, seed):
+    def generate(prompt_ids, max_new_tokens, seed, eos_id=None):
         return model.generate(prompt_ids, max_new_tokens, temperature=cfg["temperature"], top_k=cfg["top_k"],
-                              top_p=cfg["top_p"], generator=torch.Generator().manual_seed(seed), eos_id=sp.eos_id())
+                              top_p=cfg["top_p"], generator=torch.Generator().manual_seed(seed), eos_id=eos_id)
     return generate, sp, model.cfg.max_seq_length
 
 
@@ -92,9 +93,9 @@ def onnx_runtime(cfg):
     model = OnnxLanguageModel(folder, threads=1 if cfg["latency_steps"] else 0)
     sp = spm.SentencePieceProcessor(model_file=str(folder / "spm.model"))
 
-    def generate(prompt_ids, max_new_tokens, seed):
+    def generate(prompt_ids, max_new_tokens, seed, eos_id=None):
         return model.generate(prompt_ids, max_new_tokens, temperature=cfg["temperature"], top_k=cfg["top_k"],
-                              top_p=cfg["top_p"], seed=seed, eos_id=sp.eos_id())
+                              top_p=cfg["top_p"], seed=seed, eos_id=eos_id)
     return generate, sp, model.max_seq_length
 
 
@@ -105,7 +106,7 @@ def stream(generate, sp, prompt: str, cfg, out=sys.stdout) -> list[int]:
     shown = sp.decode(prompt_ids)
     out.write(shown)
     out.flush()
-    for token in generate([sp.bos_id()] + prompt_ids, cfg["max_tokens"], cfg["gen_seed"]):
+    for token in generate([sp.bos_id()] + prompt_ids, cfg["max_tokens"], cfg["gen_seed"], eos_id=sp.eos_id()):
         if token == sp.eos_id():
             break
         new_ids.append(token)

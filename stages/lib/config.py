@@ -8,9 +8,9 @@ merges, lowest precedence first:
 
 Make passes its variables on as flags, so for Make users the order is
 YAML < Make variables < flags. `--print-params` prints the resolved parameters as
-JSON and exits: the Makefile stores that in artifacts/params/STAGE.json and
-replaces the file only when it changes, which is how Make notices a changed
-parameter.
+JSON and exits; `--write-params FILE` (what the Makefile runs for
+artifacts/params/STAGE.json) replaces the file only when they changed and says which,
+which is how Make notices a changed parameter.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ on the folders it has just written, and fails when one does not hold:
 - tokenizer: the Hugging Face tokenizer's ids equal SentencePiece's on every validation
   line and on hard strings (accents, inverted marks, digits, runs of spaces, tabs,
   characters that need byte fallback, emoji): no mismatch allowed;
-- logits: GPT2LMHeadModel's logits equal ours in float32 on full-context validation
+- logits: the Hugging Face model's logits (GPT-2 or GPT-NeoX) equal ours in float32 on full-context validation
   windows, to max_logit_diff;
 - greedy: transformers' generate and the ONNX runtime continue the proof prompts with
   exactly our greedy tokens.
