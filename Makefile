@@ -57,10 +57,10 @@ CODE_train     := stages/train.py $(BASE_CODE) $(MODEL_CODE) $(addprefix $(LIB)/
                   training_state.py)
 # evaluate.py also runs generate.py, to time inference in a fresh process
 CODE_evaluate  := stages/evaluate.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) \
-                  $(addprefix $(LIB)/,batches.py checkpoints.py language.py onnx_runtime.py run_summary.py)
+                  $(addprefix $(LIB)/,batches.py checkpoints.py language.py onnx_runtime.py processes.py run_summary.py)
 # export.py also runs generate.py, to time both runtimes in fresh processes
 CODE_export    := stages/export.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) \
-                  $(addprefix $(LIB)/,checkpoints.py export_proofs.py hf_export.py onnx_export.py onnx_runtime.py)
+                  $(addprefix $(LIB)/,checkpoints.py export_proofs.py hf_export.py onnx_export.py onnx_runtime.py processes.py)
 
 # ---------------------------------------------------------------- variables -> flags
 # Empty means "use config/defaults.yaml". `$(call flag,--x,VAR)` adds `--x 'value'` when VAR is set.

@@ -17,11 +17,8 @@ report is the verdict.
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import nullcontext
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from lib.config import log_config, resolve_config, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage
 from lib.files import atomic_path, read_json, write_json_atomic, write_text_atomic
 from lib.language import corpus_prompts, identify_language, words
+from lib.processes import run_script_json
 from lib.run_summary import settings_text, summarize_run
 
 # Floors from the spec (SC-003, SC-009, SC-010, SC-012) and its on-device targets.
@@ -227,13 +225,9 @@ def main(cfg):
             log(f"sample [{samples[-1]['language']}] {text!r}")
 
     log(f"measuring inference latency in a fresh process ({cfg['latency_steps']} next-token steps)")
-    cmd = [sys.executable, str(Path(__file__).with_name("generate.py")), "--config", cfg["_config"], "--data-dir", cfg["data_dir"],
-           "--artifacts-dir", cfg["artifacts_dir"], "--checkpoint", str(path), "--latency-steps", str(cfg["latency_steps"]),
-           "--temperature", str(cfg["temperature"]), "--top-k", str(cfg["top_k"]), "--top-p", str(cfg["top_p"])]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise PipelineError(f"the latency measurement failed:\n{result.stderr.strip()}")
-    latency = json.loads(result.stdout.strip().splitlines()[-1])
+    latency = run_script_json(cfg, "generate.py", [
+        "--checkpoint", str(path), "--latency-steps", str(cfg["latency_steps"]), "--temperature", str(cfg["temperature"]),
+        "--top-k", str(cfg["top_k"]), "--top-p", str(cfg["top_p"])], "the latency measurement")
 
     checks = spec_checks(val_loss, history, samples, latency)
     mix = {lang: sum(s["language"] == lang for s in samples) for lang in ("en", "es", "unknown")}

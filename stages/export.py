@@ -24,13 +24,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from lib.config import check_positive, log_config, public, resolve_config, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage
 from lib.files import read_json, write_json_atomic, write_text_atomic
+from lib.processes import run_script_json
 
 RUNTIME_KEYS = ("p50_ms", "p95_ms", "tokens_per_s", "rss_mb", "peak_rss_mb")
 
@@ -98,16 +97,6 @@ def write_exports(model, sp, paths: dict, staging: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors writes 0600: the folder is meant to be shared
 
 
-def fresh_process(cfg: dict, args: list[str], script: str = "export.py") -> dict:
-    """Run a stage script in a new interpreter; its result is its last stdout line that is JSON."""
-    cmd = [sys.executable, str(Path(__file__).with_name(script)), "--config", cfg["_config"], "--data-dir", cfg["data_dir"],
-           "--artifacts-dir", cfg["artifacts_dir"], *args]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise PipelineError(f"{script} {' '.join(args)} failed in its own process:\n{result.stderr.strip()[-3000:]}")
-    return json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
-
-
 def prove(cfg: dict) -> None:
     """--prove STAGING: the proofs, in this (fresh) process, printed as one JSON line."""
     import numpy as np
@@ -139,8 +128,10 @@ def check_proofs(proofs: dict) -> None:
 def benchmark(cfg: dict, checkpoint: Path, onnx_dir: Path) -> dict:
     """The same latency measurement for both runtimes, each in a fresh process, one thread."""
     common = ["--latency-steps", str(cfg["latency_steps"]), "--temperature", "0.8", "--top-k", "50"]
-    figures = {"torch": fresh_process(cfg, [*common, "--runtime", "torch", "--checkpoint", str(checkpoint)], "generate.py"),
-               "onnx": fresh_process(cfg, [*common, "--runtime", "onnx", "--onnx-dir", str(onnx_dir)], "generate.py")}
+    figures = {"torch": run_script_json(cfg, "generate.py", [*common, "--runtime", "torch", "--checkpoint", str(checkpoint)],
+                                        "the torch latency measurement"),
+               "onnx": run_script_json(cfg, "generate.py", [*common, "--runtime", "onnx", "--onnx-dir", str(onnx_dir)],
+                                       "the ONNX latency measurement")}
     log(f"{'runtime':>8} {'p50 ms':>8} {'p95 ms':>8} {'tokens/s':>9} {'RSS MB':>7} {'peak RSS MB':>12}")
     for name, f in figures.items():
         log(f"{name:>8} {f['p50_ms']:8.2f} {f['p95_ms']:8.2f} {f['tokens_per_s']:9.0f} {f['rss_mb']:7.0f} {f['peak_rss_mb']:12.0f}")
@@ -192,7 +183,7 @@ def main(cfg):
     staging = export_dir / f".staging-{os.getpid()}"
     try:
         write_exports(model, sp, paths, staging)
-        proofs = fresh_process(cfg, ["--checkpoint", str(checkpoint), "--prove", str(staging)])
+        proofs = run_script_json(cfg, "export.py", ["--checkpoint", str(checkpoint), "--prove", str(staging)], "the proofs")
         check_proofs(proofs)
         write_model_card(payload, model, paths, staging, proofs)
         bench = benchmark(cfg, checkpoint, staging / "onnx")
