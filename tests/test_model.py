@@ -183,9 +183,9 @@ def test_rotary_scores_depend_on_relative_position_only():
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
     def score(query_position, key_position):
-        cos_q, sin_q = rotary_tables(torch.tensor([query_position]), 16, 10000.0)
-        cos_k, sin_k = rotary_tables(torch.tensor([key_position]), 16, 10000.0)
-        return float((apply_rotary(q, cos_q, sin_q) * apply_rotary(k, cos_k, sin_k)).sum())
+        cos_q, sin_q = rotary_tables(torch.tensor([query_position]), 16, 16, 10000.0)
+        cos_k, sin_k = rotary_tables(torch.tensor([key_position]), 16, 16, 10000.0)
+        return float((apply_rotary(q, cos_q, sin_q, 16) * apply_rotary(k, cos_k, sin_k, 16)).sum())
 
     assert abs(score(7, 3) - score(57, 53)) < 1e-4 and abs(score(7, 3) - score(8, 3)) > 1e-4
 
@@ -197,3 +197,16 @@ def test_activations_keep_the_parameter_count():
     x = torch.linspace(-2, 2, 9)
     from model.tiny_transformer import ACTIVATIONS
     assert torch.equal(ACTIVATIONS["relu2"](x), torch.relu(x) ** 2)
+
+
+def test_hand_written_backward_passes_match_autograd():
+    """Rotary positions and squared ReLU have their own backward (speed): gradcheck both."""
+    from model.tiny_transformer import _RotaryFunction, _SquaredReLUFunction, rotary_tables
+
+    qk = torch.randn(2, 5, 2, 3, 8, dtype=torch.double, requires_grad=True)  # (B, T, q/k, heads, head_dim)
+    for dims in (8, 4):  # every dimension rotating, and half of them
+        cos, sin = (t[:, None, :].double() for t in rotary_tables(torch.arange(5), 8, dims, 100.0))
+        assert torch.autograd.gradcheck(lambda t: _RotaryFunction.apply(t, cos, sin, dims), (qk,))
+    h = torch.randn(40, dtype=torch.double)
+    h = (h + 0.1 * h.sign()).requires_grad_()  # away from the kink at 0, where the gradcheck's finite differences break
+    assert torch.autograd.gradcheck(_SquaredReLUFunction.apply, (h,))

@@ -49,16 +49,17 @@ def test_tiny_training_learns_and_writes_every_artifact(encoded):
         prompt = " ".join(history[-1]["samples"][lang].split()[:4])
         assert prompt.startswith(opening) and any(line.startswith(prompt) for line in val_lines), prompt
     # dropout 'auto' on a few thousand tokens is the cap, and the number used is what the run records
-    assert "dropout 0.3 (auto:" in out.stdout
-    assert json.loads((ckpt / "config.json").read_text())["dropout"] == 0.3
+    assert "dropout 0.4 (auto:" in out.stdout
+    assert json.loads((ckpt / "config.json").read_text())["dropout"] == 0.4
 
 
-def test_auto_dropout_is_0_1_on_the_default_corpus_and_grows_as_the_text_shrinks():
+def test_auto_dropout_is_0_2_on_the_default_corpus_and_grows_as_the_text_shrinks():
     from lib.regularisation import resolve_dropout
-    assert resolve_dropout("auto", 667_136)[0] == 0.1    # the default corpus's training split
-    assert resolve_dropout("auto", 5_000_000)[0] == 0.1  # more text never lowers it
-    assert resolve_dropout("auto", 264_787)[0] == 0.245  # the Debian Reference manual
-    assert resolve_dropout("auto", 1_000)[0] == 0.3      # capped
+    assert resolve_dropout("auto", 667_136)[0] == 0.2    # the default corpus's training split
+    assert resolve_dropout("auto", 5_000_000)[0] == 0.2  # more text never lowers it
+    assert resolve_dropout("auto", 433_333)[0] == 0.3    # 2/3 of the default corpus
+    assert resolve_dropout("auto", 264_787)[0] == 0.4    # the Debian Reference manual: capped
+    assert resolve_dropout("auto", 1_000)[0] == 0.4      # capped
     assert resolve_dropout(0.05, 1_000) == (0.05, "as configured")
 
 

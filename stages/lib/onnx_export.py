@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from model.tiny_transformer import apply_rotary, rotary_tables
+from model.tiny_transformer import rotary_tables, rotate_queries_keys
 
 OPSET = 20  # has LayerNormalization and Gelu as single operators
 
@@ -34,14 +34,17 @@ class CachedStep(torch.nn.Module):
         if cfg.positions == "learned":
             x, rotary = m.wte(input_ids) + m.wpe(positions), None
         else:
-            x, rotary = m.wte(input_ids), rotary_tables(positions, cfg.rotary_dims, cfg.rotary_base)
+            dims = cfg.rotary_dims
+            x, rotary = m.wte(input_ids), (*rotary_tables(positions, head_dim, dims, cfg.rotary_base), dims)
         visible = torch.arange(cached + new)[None, :] <= positions[:, None]  # (new, cached + new)
         keys, values = [], []
         for i, block in enumerate(m.h):
-            q, k, v = block.attn.c_attn(block.ln_1(x)).split(width, dim=2)
-            q, k, v = (t.view(1, new, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+            qk, v = block.attn.c_attn(block.ln_1(x)).split([2 * width, width], dim=2)
+            qk, v = qk.reshape(1, new, 2, heads, head_dim), v.reshape(1, new, heads, head_dim).transpose(1, 2)
             if rotary is not None:
-                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+                q, k = rotate_queries_keys(qk, rotary)
+            else:
+                q, k = (t.transpose(1, 2) for t in qk.unbind(2))
             k, v = torch.cat([past_keys[i], k], dim=2), torch.cat([past_values[i], v], dim=2)
             keys.append(k)
             values.append(v)

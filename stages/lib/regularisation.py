@@ -11,9 +11,9 @@ import argparse
 import numpy as np
 import torch
 
-# dropout "auto": 0.1 (the sweep's pick on the default corpus, ~667K training tokens) down to this many
+# dropout "auto": 0.2 (the sweep's pick on the default corpus, ~667K training tokens) down to this many
 # training tokens, then in proportion to how much less text there is, at most AUTO_DROPOUT_MAX.
-AUTO_DROPOUT, AUTO_DROPOUT_TOKENS, AUTO_DROPOUT_MAX = 0.1, 650_000, 0.3
+AUTO_DROPOUT, AUTO_DROPOUT_TOKENS, AUTO_DROPOUT_MAX = 0.2, 650_000, 0.4
 
 
 def dropout_setting(text):
@@ -30,9 +30,9 @@ def resolve_dropout(setting, train_tokens: int) -> tuple[float, str]:
     """The dropout rate to train with, and why.
 
     Less text is memorised sooner, so a fixed rate tuned on the default corpus lets a
-    smaller corpus overfit (the Debian Reference manual, 265K tokens: gap 0.59 at 0.1, 0.47 at
-    0.2; docs/configuration.md#smaller-corpora-dropout-auto). 'auto' keeps 0.1 down to
-    650K training tokens and scales it by 650K / tokens below that, up to 0.3.
+    smaller corpus overfit (the Debian Reference manual, 265K tokens: gap 0.51 at 0.3, 0.42 at
+    0.4; docs/configuration.md#smaller-corpora-dropout-auto). 'auto' keeps 0.2 down to
+    650K training tokens and scales it by 650K / tokens below that, up to 0.4.
     """
     if setting != "auto":
         return float(setting), "as configured"
