@@ -27,8 +27,17 @@ DATA_DIR      ?= data
 ARTIFACTS_DIR ?= artifacts
 CONFIG        ?= config/defaults.yaml
 PYTHON_SYSTEM ?= python3
+# PYTHON=/path/to/python runs every stage in that existing environment instead of $(VENV), with no
+# pip install at all (your own CUDA build of torch; a machine without a package registry).
+# `make check PYTHON=...` lists any package it lacks.
+PYTHON        ?=
+ifeq ($(strip $(PYTHON)),)
 PY            := $(VENV)/bin/python
 VENV_DONE     := $(VENV)/.installed
+else
+PY            := $(PYTHON)
+VENV_DONE     :=
+endif
 
 RAW      := $(DATA_DIR)/raw
 PREP     := $(DATA_DIR)/prepared
@@ -53,8 +62,8 @@ CODE_prepare   := stages/prepare.py $(BASE_CODE)
 CODE_tokenizer := stages/train_tokenizer.py $(BASE_CODE)
 CODE_encode    := stages/encode.py $(BASE_CODE)
 CODE_train     := stages/train.py $(BASE_CODE) $(MODEL_CODE) $(addprefix $(LIB)/,batches.py checkpoints.py code_files.py \
-                  faults.py hardware.py language.py memory.py optim.py regularisation.py runs.py samples.py \
-                  training_state.py)
+                  distributed.py faults.py hardware.py language.py memory.py optim.py regularisation.py runs.py \
+                  samples.py training_state.py)
 # evaluate.py also runs generate.py, to time inference in a fresh process
 CODE_evaluate  := stages/evaluate.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) \
                   $(addprefix $(LIB)/,batches.py checkpoints.py language.py onnx_runtime.py processes.py run_summary.py)
@@ -84,7 +93,9 @@ FLAGS_train     = $(call flag,--learning-rate,LR) $(call flag,--epochs,EPOCHS) $
                   $(call flag,--checkpoint-every,CHECKPOINT_EVERY) \
                   $(call flag,--sample-every,SAMPLE_EVERY) $(call flag,--resume,RESUME) \
                   $(call flag,--device,DEVICE) $(call flag,--dtype,DTYPE) $(call flag,--threads,THREADS) \
-                  $(if $(filter 1 yes true,$(COMPILE)),--compile,$(if $(filter 0 no false,$(COMPILE)),--no-compile))
+                  $(if $(filter 1 yes true,$(COMPILE)),--compile,$(if $(filter 0 no false,$(COMPILE)),--no-compile)) \
+                  $(call flag,--nproc,NPROC) $(call flag,--nnodes,NNODES) $(call flag,--node-rank,NODE_RANK) \
+                  $(call flag,--master-addr,MASTER_ADDR) $(call flag,--master-port,MASTER_PORT)
 FLAGS_evaluate  = $(call flag,--checkpoint,CHECKPOINT) $(call flag,--temperature,TEMPERATURE) \
                   $(call flag,--top-k,TOP_K) $(call flag,--top-p,TOP_P)
 FLAGS_generate  = $(call flag,--checkpoint,CHECKPOINT) $(call flag,--prompt,PROMPT) \
@@ -107,6 +118,7 @@ help: ## list targets and variables
 	@echo
 	@echo "Variables (empty = the default in $(CONFIG)):"
 	@echo "  folders    VENV=$(VENV) DATA_DIR=$(DATA_DIR) ARTIFACTS_DIR=$(ARTIFACTS_DIR) CONFIG=$(CONFIG)"
+	@echo "             PYTHON=<an existing python with the packages: no venv, no pip>"
 	@echo "  check      MIN_FREE_GB=2"
 	@echo "  download   CORPUS_PATH=<file or folder> CORPUS_URL=<url> CORPUS_SHA256=<hex> CORPUS_BYTES=3000000"
 	@echo "             ENGLISH_SHARE=0.5 PACKAGE_INDEX_ARGS=<extra pip options>"
@@ -114,9 +126,10 @@ help: ## list targets and variables
 	@echo "  tokenizer  VOCAB_SIZE=8000"
 	@echo "  train      LR=0.0015 EPOCHS=20 BATCH_SIZE=64 SEQ_LEN=128 WARMUP=100 MIN_LR_RATIO=0.1 DROPOUT=auto INPUT_NOISE=0.2"
 	@echo "             WEIGHT_DECAY=0.1 GRAD_CLIP=1.0 SEED=1337 N_LAYERS=2 D_MODEL=128 N_HEADS=4"
-	@echo "             POSITIONS=learned|rotary ACTIVATION=gelu|relu|relu2"
+	@echo "             POSITIONS=rotary|learned ACTIVATION=relu2|gelu|relu"
 	@echo "             CHECKPOINT_EVERY=5 SAMPLE_EVERY=5 RESUME=auto|yes|no DEVICE=cpu DTYPE=auto|float32|bfloat16"
-	@echo "             COMPILE=yes|no THREADS=0"
+	@echo "             COMPILE=yes|no THREADS=0 (per process; 0 = cores / NPROC)"
+	@echo "             NPROC=1 (torchrun processes) NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500"
 	@echo "  evaluate   CHECKPOINT=best_model.pt TEMPERATURE=0.8 TOP_K=50 TOP_P=1.0"
 	@echo "  export     CHECKPOINT=best_model.pt"
 	@echo "  generate   PROMPT='En el principio' MAX_TOKENS=100 TEMPERATURE=0.8 TOP_K=50 SEED=1 RUNTIME=torch|onnx"
@@ -125,11 +138,13 @@ help: ## list targets and variables
 # ---------------------------------------------------------------- environment
 venv: $(VENV_DONE) ## create .venv from requirements.txt
 
+ifneq ($(VENV_DONE),)
 $(VENV_DONE): requirements.txt
 	@$(PYTHON_SYSTEM) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed to create $(VENV); install it or run make PYTHON_SYSTEM=python3.11")'
 	$(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $@
+endif
 
 check: $(VENV_DONE) ## prerequisites: Python, packages, disk space, corpus source
 	$(PY) stages/check.py $(BASE_FLAGS) $(FLAGS_check)

@@ -4,6 +4,7 @@
     make train LR=0.001 EPOCHS=10                # retrains; the tokenizer is not touched
     python stages/train.py --learning-rate 0.001 --epochs 10 --batch-size 32 --max-seq-length 128
     python stages/train.py --restart             # start over; the old run is moved aside, not deleted
+    make train NPROC=2                           # two processes (torchrun, DistributedDataParallel)
 
 Reads data/encoded/{train,val}.npy memory-mapped (checked against the tokenizer).
 An epoch is one pass over every training token in non-overlapping windows of
@@ -19,6 +20,9 @@ is what make waits for.
 Resume (FR-006): an unfinished run with identical data, tokenizer, code and config
 is resumed exactly (optimizer, schedule, RNG, position in the epoch; lib/runs.py).
 Ctrl+C or SIGTERM stops at the next step, saves last.pt and exits 130 / 143.
+
+Several processes (--nproc, --nnodes): the script replaces itself with torchrun, which
+starts it once per process; each trains on its slice of every batch (lib/distributed.py).
 
 main() at the bottom is the outline: setup() builds what is fixed for the run (a Run;
 its changing part is a Progress, both in lib/training_state.py), train_epoch() walks the
@@ -43,19 +47,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.batches import epoch_windows, get_batch, load_training_data, mean_loss
-from lib.checkpoints import save_checkpoint
+from lib.batches import epoch_windows, get_batch, load_training_data, loss_sum
+from lib.checkpoints import rng_state, save_checkpoint
 from lib.config import check_positive, log_config, public, resolve_config, stage_parser, stage_paths
-from lib.errors import EXIT_SIGINT, EXIT_SIGTERM, PipelineError, log, run_stage
+from lib.distributed import World, join, launched_by_torchrun, lost_peer, relaunch_under_torchrun
+from lib.errors import EXIT_SIGINT, EXIT_SIGTERM, PipelineError, log, run_stage, silence_log
 from lib.faults import StopRequest, inject_fault
 from lib.files import write_json_atomic
 from lib.hardware import keep_freed_memory, resolve_device, resolve_dtype
 from lib.memory import check_memory, smaller_batch_hint
-from lib.optim import lr_at, make_optimizer, train_step
+from lib.optim import LossModule, lr_at, make_optimizer, train_step
 from lib.regularisation import dropout_setting, noise_inputs, resolve_dropout
 from lib.runs import acquire_lock, choose_start, fingerprint, resume_command, run_identity
 from lib.samples import generate_samples, sample_prompts
-from lib.training_state import Progress, Run, model_checkpoint, restore, training_checkpoint
+from lib.training_state import Progress, Run, model_checkpoint, reseed_rank, restore, training_checkpoint
 from model import TinyTransformer, model_config
 
 
@@ -100,15 +105,22 @@ def build_parser():
       help="compute logits + loss N tokens at a time (never the whole B x T x vocab tensor); 0 = all at once")
     a("--threads", type=int, default=None, help="torch threads; 0 = one per core")
     a("--max-memory-gb", type=float, default=None, help="memory budget for the estimate; 0 = available RAM")
+    # several processes: torchrun's settings (docs/configuration.md#scaling-out)
+    a("--nproc", type=int, default=None, help="training processes on this machine (torchrun --nproc_per_node)")
+    a("--nnodes", type=int, default=None, help="machines taking part (torchrun --nnodes)")
+    a("--node-rank", type=int, default=None, help="this machine's number, 0 .. nnodes-1 (torchrun --node_rank)")
+    a("--master-addr", type=str, default=None, help="address of machine 0, reachable from every machine")
+    a("--master-port", type=int, default=None, help="a free port on machine 0, the same on every machine")
     return p
 
 
 def validate(cfg):
     errors = []
     check_positive(cfg, ["n_layers", "d_model", "n_heads", "mlp_ratio", "max_seq_length", "learning_rate", "batch_size",
-                         "epochs", "checkpoint_every", "sample_every", "sample_tokens"], errors)
-    check_positive(cfg, ["warmup_steps", "weight_decay", "grad_clip", "threads", "max_memory_gb", "loss_chunk_tokens"],
-                   errors, allow_zero=True)
+                         "epochs", "checkpoint_every", "sample_every", "sample_tokens", "nproc", "nnodes",
+                         "master_port"], errors)
+    check_positive(cfg, ["warmup_steps", "weight_decay", "grad_clip", "threads", "max_memory_gb", "loss_chunk_tokens",
+                         "node_rank"], errors, allow_zero=True)
     if cfg["d_model"] > 0 and cfg["n_heads"] > 0 and cfg["d_model"] % cfg["n_heads"]:
         errors.append(f"d_model ({cfg['d_model']}) must be divisible by n_heads ({cfg['n_heads']})")
     if cfg["dropout"] != "auto" and not 0 <= cfg["dropout"] < 1:
@@ -131,11 +143,12 @@ def validate(cfg):
 # ----------------------------------------------------------------------------- setup
 
 
-def setup(cfg: dict) -> Run:
+def setup(cfg: dict, world: World) -> Run:
     paths = stage_paths(cfg)
-    torch.set_num_threads(cfg["threads"] or os.cpu_count() or 1)
+    # THREADS=0: the cores shared out among this machine's training processes
+    torch.set_num_threads(cfg["threads"] or max(1, (os.cpu_count() or 1) // world.local_size))
     keep_freed_memory()
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg["device"], world.local_rank)
     amp_dtype = resolve_dtype(cfg)
     data = load_training_data(cfg, paths)
     prompts = sample_prompts(paths)
@@ -148,6 +161,8 @@ def setup(cfg: dict) -> Run:
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"] % 2 ** 32)
     model = TinyTransformer(mcfg).to(device)
+    if world.rank > 0:
+        reseed_rank(cfg["seed"], world.rank)  # the same initial weights; its own dropout and noise draws
     n_params = model.num_parameters()
     log(f"model: {n_params:,} parameters ({mcfg.n_layers} layers, d_model {mcfg.d_model}, {mcfg.n_heads} heads, "
         f"vocab {mcfg.vocab_size}, context {T}, {mcfg.positions} positions, {mcfg.activation}); device {device}, "
@@ -162,26 +177,50 @@ def setup(cfg: dict) -> Run:
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 else nullcontext
     return Run(cfg=cfg, paths=paths, device=device, autocast=autocast, prompts=prompts, model_config=mcfg, model=model,
                optimizer=optimizer, windows_by_epoch=windows_by_epoch, total_steps=total_steps, identity=identity,
-               fingerprint=fingerprint(identity), data=data)
+               fingerprint=fingerprint(identity), data=data, world=world,
+               step_loss=functools.partial(model.loss, chunk_tokens=cfg["loss_chunk_tokens"]))
+
+
+def wrap_for_ranks(run: Run) -> None:
+    """Several processes: the loss goes through DistributedDataParallel, which averages gradients in backward.
+
+    DDP wraps a module whose forward is the training loss (the model's own forward returns
+    logits); it starts by broadcasting rank 0's weights, which a resume has already loaded.
+    """
+    if not run.world.distributed:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+    device_ids = [run.device.index] if run.device.type == "cuda" else None
+    run.step_loss = DistributedDataParallel(LossModule(run.model, run.cfg["loss_chunk_tokens"]), device_ids=device_ids,
+                                            broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
+def save_resumable(run: Run, state: Progress, path: Path, kind: str, epoch: int, position: int) -> None:
+    """last.pt / epoch_NNN.pt with every rank's random state (all ranks call this; rank 0 writes)."""
+    rng_by_rank = run.world.gather(rng_state())
+    if run.world.is_main:
+        save_checkpoint(path, training_checkpoint(run, state, kind, epoch, position, rng_by_rank))
+
+
 def save_and_exit(run: Run, state: Progress, epoch: int, batch: int, signum: int) -> None:
-    save_checkpoint(run.dir / "last.pt", training_checkpoint(run, state, "last", epoch, batch))
-    print(f"saved {run.dir / 'last.pt'} at epoch {epoch + 1}, batch {batch}; resume with: {resume_command()}",
-          file=sys.stderr, flush=True)
+    save_resumable(run, state, run.dir / "last.pt", "last", epoch, batch)
+    if run.world.is_main:
+        print(f"saved {run.dir / 'last.pt'} at epoch {epoch + 1}, batch {batch}; resume with: {resume_command()}",
+              file=sys.stderr, flush=True)
+    run.world.close()
     sys.exit(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
 
 
-def guarded_step(run: Run, state: Progress, x, y, epoch: int, batch: int):
+def guarded_step(run: Run, state: Progress, x, y, weight: float, epoch: int, batch: int):
     """train_step; torch.compile falls back to eager, and out of memory saves progress before failing."""
-    cfg, loss_fn = run.cfg, functools.partial(run.model.loss, chunk_tokens=run.cfg["loss_chunk_tokens"])
+    cfg, loss_fn = run.cfg, run.step_loss
     try:
-        inject_fault(state.step)
+        inject_fault(state.step, run.world.rank)
         try:
-            return train_step(run.model, run.optimizer, x, y, run.autocast, loss_fn, cfg["grad_clip"])
+            return train_step(run.model, run.optimizer, x, y, run.autocast, loss_fn, cfg["grad_clip"], weight)
         except Exception as exc:
             if not cfg["compile"] or state.step > state.first_step or isinstance(exc, torch.OutOfMemoryError):
                 raise
@@ -189,16 +228,20 @@ def guarded_step(run: Run, state: Progress, x, y, epoch: int, batch: int):
             log(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); continuing in eager mode")
             run.model.disable_compile()
             run.optimizer.zero_grad(set_to_none=True)
-            return train_step(run.model, run.optimizer, x, y, run.autocast, loss_fn, cfg["grad_clip"])
+            return train_step(run.model, run.optimizer, x, y, run.autocast, loss_fn, cfg["grad_clip"], weight)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if "memory" not in str(exc).lower():
             raise
         run.optimizer.zero_grad(set_to_none=True)
-        save_checkpoint(run.dir / "last.pt", training_checkpoint(run, state, "last", epoch, batch))
+        if run.world.distributed:  # the other ranks wait in a gradient exchange: no saving together now
+            where = (f"progress up to epoch {epoch} is in {run.dir / 'last.pt'}" if epoch else "nothing was saved yet")
+            where = f"rank {run.world.rank} of {run.world.size}; {where}"
+        else:
+            save_checkpoint(run.dir / "last.pt", training_checkpoint(run, state, "last", epoch, batch, [rng_state()]))
+            where = f"progress saved in {run.dir / 'last.pt'}"
         raise PipelineError(
             f"Out of memory at BATCH_SIZE={cfg['batch_size']}, SEQ_LEN={cfg['max_seq_length']} (epoch {epoch + 1}, "
-            f"step {state.step}); progress saved in {run.dir / 'last.pt'}", smaller_batch_hint(cfg) + " and rerun",
-            "out-of-memory")
+            f"step {state.step}); {where}", smaller_batch_hint(cfg) + " and rerun", "out-of-memory")
 
 
 def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dict:
@@ -208,29 +251,37 @@ def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dic
     batches = [windows[i:i + cfg["batch_size"]] for i in range(0, len(windows), cfg["batch_size"])]
     started, grad_norms, trained_tokens = time.perf_counter(), [], 0
     bar = tqdm(total=len(batches), initial=state.position, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
-               disable=None, file=sys.stderr, dynamic_ncols=True)
+               disable=None if run.world.is_main else True, file=sys.stderr, dynamic_ncols=True)
+    stop_asked = 0.0
     for b in range(state.position, len(batches)):
-        if stop.signum is not None:
+        if stop.signum is not None or stop_asked:
             bar.close()
-            save_and_exit(run, state, epoch, b, stop.signum)
+            save_and_exit(run, state, epoch, b, stop.signum or int(stop_asked))
         lr = lr_at(state.step, cfg, run.total_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        x, y = get_batch(run.data.train_tokens, batches[b], T, run.device)
+        windows, weight = run.world.share(batches[b])
+        x, y = get_batch(run.data.train_tokens, windows, T, run.device)
         x = noise_inputs(x, run.data.train_tokens, cfg["input_noise"])
         try:
-            loss, norm = guarded_step(run, state, x, y, epoch, b)
+            loss, norm = guarded_step(run, state, x, y, weight, epoch, b)
         except PipelineError:
             bar.close()  # before the error message
             raise
         loss_value = loss.item()
+        if run.world.distributed:
+            # the batch's loss over all ranks (token-weighted), and whether any rank was asked to stop
+            # (each then stops before the same step)
+            loss_sum_, tokens, stop_asked = run.world.sum([loss_value * y.numel() * (weight > 0), y.numel() * (weight > 0),
+                                                           float(stop.signum or 0)], run.device)
+            loss_value = loss_sum_ / tokens
         if not math.isfinite(loss_value):
             raise PipelineError(f"loss became {loss_value} at epoch {epoch + 1}, step {state.step} (lr {lr:.2e})",
                                 "lower LR (e.g. LR=0.0001) or GRAD_CLIP, then RESUME=no", "diverging-or-nan-loss")
         state.step += 1
         state.running_sum += loss_value
         state.running_count += 1
-        trained_tokens += y.numel()
+        trained_tokens += len(batches[b]) * T
         grad_norms.append(float(norm))
         bar.update(1)
         bar.set_postfix(loss=f"{state.running_sum / state.running_count:.3f}", lr=f"{lr:.1e}",
@@ -244,8 +295,15 @@ def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dic
 def measure_epoch(run: Run, state: Progress, epoch: int, stats: dict, run_started: float) -> dict:
     """The epoch's history entry: validation, the eval-mode training loss, the gap, speed, samples."""
     cfg, T, norms = run.cfg, run.cfg["max_seq_length"], stats["grad_norms"]
-    val_loss = mean_loss(run.model, run.data.val_tokens, run.data.val_starts, T, 64, run.device, run.autocast)
-    train_eval = mean_loss(run.model, run.data.train_tokens, run.data.train_eval_starts, T, 64, run.device, run.autocast)
+
+    def mean_loss(tokens, starts):  # each rank measures its share of the windows
+        total, count = loss_sum(run.model, tokens, np.array_split(starts, run.world.size)[run.world.rank], T, 64,
+                                run.device, run.autocast)
+        total, count = run.world.sum([total, count], run.device)
+        return total / max(1, count)
+
+    val_loss = mean_loss(run.data.val_tokens, run.data.val_starts)
+    train_eval = mean_loss(run.data.train_tokens, run.data.train_eval_starts)
     # bits per byte: nats/token -> bits/token -> bits per byte of the UTF-8 text those tokens encode
     val_bpb = val_loss / math.log(2) * run.data.val_meta["tokens"] / run.data.val_meta["source_bytes"]
     entry = {
@@ -256,14 +314,14 @@ def measure_epoch(run: Run, state: Progress, epoch: int, stats: dict, run_starte
         "tokens_per_s": stats["trained_tokens"] / stats["train_seconds"] if stats["train_seconds"] > 0 else None,
         "seconds": time.perf_counter() - stats["started"], "elapsed_s": time.perf_counter() - run_started,
     }
-    if (epoch + 1) % cfg["sample_every"] == 0 or epoch + 1 == cfg["epochs"]:
+    if run.world.is_main and ((epoch + 1) % cfg["sample_every"] == 0 or epoch + 1 == cfg["epochs"]):
         entry["samples"] = generate_samples(run.model, run.data.sp, cfg, run.device, epoch + 1, run.prompts)
     return entry
 
 
 def end_of_epoch(run: Run, state: Progress, entry: dict) -> None:
-    """Log one line, append to the history, save best_model.pt / epoch_NNN.pt / last.pt."""
-    epoch, epochs = entry["epoch"], run.cfg["epochs"]
+    """Log one line, append to the history, save best_model.pt / epoch_NNN.pt / last.pt (rank 0 writes)."""
+    epoch, epochs, main = entry["epoch"], run.cfg["epochs"], run.world.is_main
     state.history.append(entry)
     state.running_sum, state.running_count = 0.0, 0
     log(f"epoch {epoch:>2}/{epochs} | train {entry['train_loss']:.3f} (eval {entry['train_loss_eval']:.3f}) | "
@@ -272,16 +330,20 @@ def end_of_epoch(run: Run, state: Progress, entry: dict) -> None:
     for lang, text in entry.get("samples", {}).items():
         log(f"  sample [{lang}] {text!r}")
 
-    with open(run.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    if main:
+        with open(run.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
     if entry["val_loss"] < state.best_val:
         state.best_val = entry["val_loss"]
-        save_checkpoint(run.dir / "best_model.pt", model_checkpoint(run, state, "best", epoch, val_loss=entry["val_loss"]))
-    write_json_atomic(run.dir / "history.json", {"config": public(run.cfg), "fingerprint": run.fingerprint,
-                                                 "epochs": state.history})
+        if main:
+            save_checkpoint(run.dir / "best_model.pt",
+                            model_checkpoint(run, state, "best", epoch, val_loss=entry["val_loss"]))
+    if main:
+        write_json_atomic(run.dir / "history.json", {"config": public(run.cfg), "fingerprint": run.fingerprint,
+                                                     "epochs": state.history})
     if epoch % run.cfg["checkpoint_every"] == 0:
-        save_checkpoint(run.dir / f"epoch_{epoch:03d}.pt", training_checkpoint(run, state, "epoch", epoch, 0))
-    save_checkpoint(run.dir / "last.pt", training_checkpoint(run, state, "last", epoch, 0))
+        save_resumable(run, state, run.dir / f"epoch_{epoch:03d}.pt", "epoch", epoch, 0)
+    save_resumable(run, state, run.dir / "last.pt", "last", epoch, 0)
 
 
 def finish(run: Run, state: Progress) -> None:
@@ -300,38 +362,63 @@ def finish(run: Run, state: Progress) -> None:
 
 
 def main(cfg):
+    if cfg["nproc"] * cfg["nnodes"] > 1 and not launched_by_torchrun():
+        relaunch_under_torchrun(cfg)  # starts this script once per process; never returns
+    world = join(cfg["device"])
+    if not world.is_main:
+        silence_log(f"train rank {world.rank}")  # rank 0 speaks for all
     log_config(cfg)
-    run = setup(cfg)
-    lock = acquire_lock(Path(cfg["artifacts_dir"]))
-    mode, ckpt = choose_start(cfg, run.paths, run.identity)
+    run = setup(cfg, world)
+    lock = acquire_lock(Path(cfg["artifacts_dir"])) if world.is_main else None
+    mode, ckpt = world.broadcast(choose_start(cfg, run.paths, run.identity) if world.is_main else None)
     if mode in ("finished", "restored"):
         if mode == "finished":
             log(f"this run ({run.dir}) already finished with these settings; nothing to do "
                 f"(RESUME=no / --restart trains again, moving it aside)")
-        (run.dir / "train_done.json").touch()  # up to date for make, whose parameter file may be newer
-        lock.close()
+        if world.is_main:
+            (run.dir / "train_done.json").touch()  # up to date for make, whose parameter file may be newer
+            lock.close()
+        world.close()
         return
-    run.dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        run.dir.mkdir(parents=True, exist_ok=True)
     state = restore(run, ckpt)
-    write_json_atomic(run.dir / "run.json", {"fingerprint": run.fingerprint, "identity": run.identity, "config": public(cfg)})
-    write_json_atomic(run.dir / "config.json", {**public(cfg), "overridden": cfg["_overridden"]})
+    if world.is_main:
+        write_json_atomic(run.dir / "run.json", {"fingerprint": run.fingerprint, "identity": run.identity,
+                                                 "config": public(cfg)})
+        write_json_atomic(run.dir / "config.json", {**public(cfg), "overridden": cfg["_overridden"]})
     if cfg["compile"]:
         run.model.enable_compile()  # compiles lazily, at the first step (see guarded_step's fallback)
+    wrap_for_ranks(run)
 
     stop = StopRequest()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     T, batch = cfg["max_seq_length"], cfg["batch_size"]
+    processes = (f"world size {world.size} ({world.backend}, {batch // world.size} windows per process and step, "
+                 f"{torch.get_num_threads()} threads each)" if world.distributed else "world size 1 (one process)")
     log(f"training {cfg['epochs']} epochs x ~{math.ceil(len(run.data.train_starts) / batch)} steps of {batch} x {T} tokens "
-        f"({len(run.data.train_starts) * T:,} tokens/epoch); validation {len(run.data.val_starts) * T:,} tokens")
+        f"({len(run.data.train_starts) * T:,} tokens/epoch); validation {len(run.data.val_starts) * T:,} tokens; "
+        f"{processes}")
     run_started = time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0)
     run.model.train()
-    for epoch in range(state.epoch, cfg["epochs"]):
-        stats = train_epoch(run, state, epoch, stop)
-        entry = measure_epoch(run, state, epoch, stats, run_started)
-        end_of_epoch(run, state, entry)
-    finish(run, state)
-    lock.close()
+    try:
+        for epoch in range(state.epoch, cfg["epochs"]):
+            stats = train_epoch(run, state, epoch, stop)
+            entry = measure_epoch(run, state, epoch, stats, run_started)
+            end_of_epoch(run, state, entry)
+    except RuntimeError as exc:
+        if not world.distributed or not lost_peer(exc):
+            raise
+        saved = f"the last save is {run.dir / 'last.pt'} (epoch {len(state.history)})" if state.history else "nothing saved"
+        raise PipelineError(f"rank {world.rank}: another training process stopped or died, so this one stops too "
+                            f"({str(exc).splitlines()[0][:120]}); {saved}",
+                            "see the first error above (torchrun names the failed rank and its exit code); "
+                            "`make train` resumes from the last save", "scaling-out") from None
+    if world.is_main:
+        finish(run, state)
+        lock.close()
+    world.close()
 
 
 if __name__ == "__main__":

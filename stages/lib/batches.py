@@ -59,14 +59,23 @@ def epoch_windows(n_tokens: int, seq_len: int, seed: int, epoch: int) -> np.ndar
 
 
 def get_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
-    batch = torch.from_numpy(rows).to(device)
+    rows = torch.from_numpy(tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+    if torch.device(device).type == "cuda":  # pinned memory: the copy to the GPU overlaps the work queued before it
+        batch = rows.pin_memory().to(device, non_blocking=True)
+    else:
+        batch = rows.to(device)
     return batch[:, :-1], batch[:, 1:]
 
 
-@torch.no_grad()
 def mean_loss(model, tokens, starts, seq_len, batch_size, device, autocast, chunk_tokens=512) -> float:
     """Mean cross-entropy (nats/token) over the given windows, in eval mode (no dropout)."""
+    total, count = loss_sum(model, tokens, starts, seq_len, batch_size, device, autocast, chunk_tokens)
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def loss_sum(model, tokens, starts, seq_len, batch_size, device, autocast, chunk_tokens=512) -> tuple[float, int]:
+    """Summed cross-entropy (nats) over the given windows and their token count, in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -77,7 +86,7 @@ def mean_loss(model, tokens, starts, seq_len, batch_size, device, autocast, chun
         total += float(loss) * y.numel()
         count += y.numel()
     model.train(was_training)
-    return total / max(1, count)
+    return total, count
 
 
 @dataclass

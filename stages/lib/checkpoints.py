@@ -12,7 +12,8 @@ Keys of every checkpoint:
     tokenizer_sha256, fingerprint, epoch, step, best_val_loss
 training checkpoints ("epoch", "last") add what exact resume needs:
     optimizer, scheduler, position (batches done in the current epoch),
-    running_loss_sum, running_loss_count, rng {python, numpy, torch}, history
+    running_loss_sum, running_loss_count, rng {python, numpy, torch[, cuda]}, history,
+    rng_by_rank (every training process's rng, rank 0's first), world_size
 """
 
 from __future__ import annotations
@@ -83,8 +84,11 @@ def load_model(path: Path, tokenizer_sha256: str | None = None):
 def rng_state() -> dict:
     """Python's, numpy's and torch's global random state, as checkpoint values (lists, a byte tensor)."""
     py_state, np_state = random.getstate(), np.random.get_state()
-    return {"python": [py_state[0], list(py_state[1]), py_state[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "torch": torch.get_rng_state()}
+    state = {"python": [py_state[0], list(py_state[1]), py_state[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU: dropout masks drawn there
+    return state
 
 
 def restore_rng_state(saved: dict) -> None:
@@ -93,3 +97,5 @@ def restore_rng_state(saved: dict) -> None:
     np_state = saved["numpy"]
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
     torch.set_rng_state(saved["torch"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])

@@ -49,8 +49,19 @@ def set_stage_name(stage: str) -> None:
     _STAGE = stage
 
 
+_SILENT = False
+
+
+def silence_log(stage: str) -> None:
+    """Log lines off for this process (training ranks other than 0); its errors still print, under `stage`."""
+    global _SILENT
+    set_stage_name(stage)
+    _SILENT = True
+
+
 def log(message: str) -> None:
-    print(f"[{_STAGE}] {message}", flush=True)
+    if not _SILENT:
+        print(f"[{_STAGE}] {message}", flush=True)
 
 
 # ----------------------------------------------------------------------------- running a stage

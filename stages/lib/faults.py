@@ -26,10 +26,13 @@ class StopRequest:
               file=sys.stderr, flush=True)
 
 
-def inject_fault(step: int) -> None:
-    """Deterministic fault hook for tests: FAULT_AT_STEP='N:sigint|sigterm|sigkill|oom|error|pause=FILE'."""
+def inject_fault(step: int, rank: int = 0) -> None:
+    """Deterministic fault hook for tests: FAULT_AT_STEP='N:sigint|sigterm|sigkill|oom|error|pause=FILE'.
+
+    With several processes every rank acts on it, or only rank R with FAULT_RANK=R.
+    """
     spec = os.environ.get("FAULT_AT_STEP")
-    if not spec:
+    if not spec or os.environ.get("FAULT_RANK", str(rank)) != str(rank):
         return
     at, action = spec.split(":", 1)
     if int(at) != step:

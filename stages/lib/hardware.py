@@ -40,9 +40,9 @@ def keep_freed_memory() -> None:
         pass  # not glibc: only slower
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
     if not available[name]:
         raise PipelineError(f"device '{name}' is not available on this machine", "use DEVICE=cpu (the default)")
-    return torch.device(name)
+    return torch.device(name, local_rank) if name == "cuda" else torch.device(name)

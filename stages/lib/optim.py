@@ -23,17 +23,30 @@ def make_optimizer(model, cfg: dict, device: torch.device) -> torch.optim.AdamW:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=device.type == "cpu")
+        lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=device.type in ("cpu", "cuda"))
 
 
-def train_step(model, optimizer, x, y, autocast, loss_fn, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+class LossModule(torch.nn.Module):
+    """The model with the training loss as its forward: what DistributedDataParallel wraps (train.py)."""
+
+    def __init__(self, model, chunk_tokens: int):
+        super().__init__()
+        self.model, self.chunk_tokens = model, chunk_tokens
+
+    def forward(self, x, y):
+        return self.model.loss(x, y, chunk_tokens=self.chunk_tokens)
+
+
+def train_step(model, optimizer, x, y, autocast, loss_fn, grad_clip: float,
+               loss_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step: forward and loss, backward, clip the global gradient norm, AdamW update.
 
     Returns the loss and the gradient norm before clipping (grad_clip <= 0: no clipping).
+    loss_weight scales the gradient (a rank's share of a batch, lib/distributed.py).
     """
     with autocast():
         loss = loss_fn(x, y)
-    loss.backward()
+    (loss if loss_weight == 1.0 else loss * loss_weight).backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -19,12 +19,14 @@ from pathlib import Path
 
 from lib.checkpoints import load_checkpoint
 from lib.code_files import code_files
-from lib.config import REPO_ROOT, public
+from lib.config import LAUNCH_KEYS, REPO_ROOT, public
 from lib.errors import PipelineError, log
 
 # Keys that do not change what is learned: a run that differs only in these is the same run.
+# The number of processes is one of them: a step over a global batch is the same step however many
+# processes share it.
 NOT_IN_FINGERPRINT = {"resume", "threads", "max_memory_gb", "device", "checkpoint_every", "sample_every",
-                      "sample_tokens", "data_dir", "artifacts_dir", "loss_chunk_tokens"}
+                      "sample_tokens", "data_dir", "artifacts_dir", "loss_chunk_tokens", *LAUNCH_KEYS}
 
 
 def code_sha256() -> str:

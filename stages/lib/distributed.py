@@ -1,0 +1,176 @@
+"""Several processes training one model: PyTorch's DistributedDataParallel, launched by torchrun.
+
+    make train NPROC=2                       # torchrun --standalone --nproc_per_node=2 stages/train.py ...
+    make train NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NPROC=4   # on each machine
+
+train.py started with --nproc/--nnodes above 1 checks the launch (below) and replaces
+itself with torchrun, which starts one train.py per process with RANK, WORLD_SIZE, ...
+in its environment; those join one process group (gloo on the CPU, nccl on CUDA).
+Every rank walks the same shuffled windows and takes its own slice of each global
+batch; DDP averages the gradients, so a step equals the one-process step on the whole
+batch. Figures (losses, validation) are summed over the ranks; rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lib.errors import PipelineError, log
+
+
+@dataclass
+class World:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    backend: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def sum(self, values: list[float], device) -> list[float]:
+        """Each value summed over all ranks (float64; one all-reduce)."""
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather(self, obj) -> list:
+        """obj from every rank, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def broadcast(self, obj):
+        """Rank 0's obj on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def share(self, windows: np.ndarray) -> tuple[np.ndarray, float]:
+        """This rank's contiguous slice of a global batch, and its loss weight.
+
+        DDP averages the ranks' gradients, each the gradient of a mean over its slice; a
+        weight of (slice size x ranks / batch size) turns that average into the gradient
+        of the mean over the whole batch, also when the last batch of an epoch does not
+        divide evenly. A rank left without a window computes one with weight 0: every
+        rank must take part in each gradient exchange.
+        """
+        if not self.distributed:
+            return windows, 1.0
+        mine = np.array_split(windows, self.size)[self.rank]
+        if len(mine) == 0:
+            return windows[:1], 0.0
+        return mine, len(mine) * self.size / len(windows)
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether a collective failed because another rank went away (died, or stopped on its own error)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(mark in text for mark in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL", "Socket Timeout"))
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def join(device_name: str) -> World:
+    """Join the process group torchrun set up (nothing to join for one process)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device_name == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    # A rank that dies makes the others fail at their next exchange; the timeout only
+    # matters for a rank that hangs without dying.
+    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    return World(rank=rank, size=size, local_rank=local_rank,
+                 local_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), backend=backend)
+
+
+# ----------------------------------------------------------------------------- launching
+
+
+def check_launch(cfg: dict) -> None:
+    """Every launch problem at once, before any process starts (PipelineError); warnings are logged."""
+    nproc, nnodes, world = cfg["nproc"], cfg["nnodes"], cfg["nproc"] * cfg["nnodes"]
+    problems = []
+    if cfg["batch_size"] % world:
+        problems.append(f"BATCH_SIZE={cfg['batch_size']} does not divide among {world} processes "
+                        f"(NPROC={nproc} x NNODES={nnodes}); BATCH_SIZE is the global batch, split evenly over them")
+    if not 0 <= cfg["node_rank"] < nnodes:
+        problems.append(f"NODE_RANK={cfg['node_rank']} must be within 0..{nnodes - 1} for NNODES={nnodes}")
+    if nnodes > 1 and cfg["node_rank"] == 0:
+        port_problem = busy_port(cfg["master_port"])
+        if port_problem:
+            problems.append(port_problem)
+    if cfg["device"] == "cuda" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        problems.append(f"NPROC={nproc} processes but {torch.cuda.device_count()} GPU(s) on this machine: one GPU each")
+    if problems:
+        raise PipelineError("cannot launch training on several processes:\n  - " + "\n  - ".join(problems),
+                            "fix the Make variables named above", "scaling-out")
+    cores = os.cpu_count() or 1
+    if cfg["device"] != "cuda" and nproc > cores:
+        log(f"warning: NPROC={nproc} is more than this machine's {cores} cores: the processes will share cores "
+            f"and be slower than fewer of them")
+
+
+def busy_port(port: int) -> str:
+    """Why MASTER_PORT cannot be used by the rendezvous on this machine, or ''."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return (f"MASTER_PORT={port} is already in use on this machine (another training job?); "
+                        f"pick a free one, e.g. MASTER_PORT={port + 1}, the same on every machine")
+            return f"MASTER_PORT={port} cannot be used here ({exc.strerror})"
+    return ""
+
+
+def torchrun_command(cfg: dict, argv: list[str]) -> list[str]:
+    """The torchrun command line that starts this script once per process."""
+    if cfg["nnodes"] == 1:
+        rendezvous = ["--standalone"]
+    else:
+        rendezvous = [f"--nnodes={cfg['nnodes']}", f"--node_rank={cfg['node_rank']}",
+                      f"--master_addr={cfg['master_addr']}", f"--master_port={cfg['master_port']}"]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={cfg['nproc']}", *argv]
+
+
+def relaunch_under_torchrun(cfg: dict) -> None:
+    """Replace this process with torchrun (it never returns)."""
+    check_launch(cfg)
+    command = torchrun_command(cfg, sys.argv)
+    log("launching: torchrun " + " ".join(command[3:]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
