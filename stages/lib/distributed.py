@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lib.config import LAUNCH_KEYS
 from lib.errors import PipelineError, log
 
 
@@ -166,10 +167,25 @@ def torchrun_command(cfg: dict, argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={cfg['nproc']}", *argv]
 
 
+def without_launch_flags(argv: list[str]) -> list[str]:
+    """argv minus --nproc/--nnodes/...: the processes torchrun starts must not launch again, and
+    torchrun would take those flags (or their prefixes) for its own."""
+    flags = {"--" + key.replace("_", "-") for key in LAUNCH_KEYS}
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif arg.split("=", 1)[0] not in flags:
+            kept.append(arg)
+    return kept
+
+
 def relaunch_under_torchrun(cfg: dict) -> None:
     """Replace this process with torchrun (it never returns)."""
     check_launch(cfg)
-    command = torchrun_command(cfg, sys.argv)
+    command = torchrun_command(cfg, without_launch_flags(sys.argv))
     log("launching: torchrun " + " ".join(command[3:]))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -21,8 +21,12 @@ def cpu_has_native_bf16() -> bool:
 def resolve_dtype(cfg) -> torch.dtype:
     if cfg["dtype"] == "float32":
         return torch.float32
-    if cfg["dtype"] == "bfloat16" or cfg["device"] != "cpu":
-        return torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32
+    if cfg["dtype"] == "bfloat16":
+        return torch.bfloat16
+    if cfg["device"] == "cuda":  # every GPU since Ampere computes bf16 natively
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if cfg["device"] != "cpu":
+        return torch.float32
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
