@@ -2,6 +2,7 @@
 
     make bench
     python stages/bench.py [--steps 30] [--guard-epochs 3] [--skip-pipeline]
+    python stages/bench.py --processes 2     # instead: one process against torchrun processes
 
 In one run, on this machine:
 1. matmul peak: GFLOP/s of large fp32 and bf16 matrix products (all threads);
@@ -14,11 +15,17 @@ In one run, on this machine:
    the data (the downloaded corpus and wheel are reused, the torch.compile cache is
    empty), with the default settings.
 Needs the encoded data and tokenizer of a previous `make all` (or `make encode`).
+
+--processes N measures instead the default training step in one process with every
+core against N torchrun processes with cores / N threads each (DDP, gloo), on the same
+global batch, and the share of the N-process step spent exchanging gradients (steps
+with DDP's gradient all-reduce against steps without it, alternating).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -181,6 +188,73 @@ def size_table(args) -> None:
     write_json_atomic(paths["bench"] / "sizes.json", rows)
 
 
+def process_worker(args) -> None:
+    """One of the torchrun processes of --processes: times DDP steps with and without the gradient exchange."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lib.distributed import join
+    from lib.optim import LossModule
+
+    world = join("cpu")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+    keep_freed_memory()
+    paths = stage_paths(vars(args))
+    cfg = load_yaml(args.config)["train"]
+    vocab = json.loads((paths["tokenizer"] / "tokenizer.json").read_text())["vocab_size"]
+    tokens = np.load(paths["encoded"] / "train.npy", mmap_mode="r")
+    torch.manual_seed(0)
+    T, B = cfg["max_seq_length"], cfg["batch_size"]
+    model = TinyTransformer(model_config({**cfg, "dropout": resolve_dropout(cfg["dropout"], tokens.size)[0]}, vocab)).train()
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    ddp = DistributedDataParallel(LossModule(model, cfg["loss_chunk_tokens"]), broadcast_buffers=False,
+                                  gradient_as_bucket_view=True)
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16,
+                                 enabled=resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"}) == torch.bfloat16)
+    rng = np.random.default_rng(0)
+    starts = window_starts(tokens.size, T)
+    times = {"exchange": [], "local": []}
+    for i in range(2 * args.steps + 4):
+        mine, weight = world.share(rng.choice(starts, B, replace=False))
+        x, y = get_batch(tokens, mine, T, "cpu")
+        mode = "exchange" if i % 2 == 0 else "local"
+        start = time.perf_counter()
+        with (ddp.no_sync() if mode == "local" else contextlib.nullcontext()):
+            train_step(model, optimizer, x, y, autocast, ddp, cfg["grad_clip"], weight)[0].item()
+        if i >= 4:
+            times[mode].append(time.perf_counter() - start)
+    medians = {mode: float(np.median(t)) for mode, t in times.items()}
+    if world.is_main:
+        print(json.dumps({"tokens_per_s": B * T / medians["exchange"], "step_s": medians["exchange"],
+                          "step_without_exchange_s": medians["local"], "threads": torch.get_num_threads()}), flush=True)
+    world.close()
+
+
+def process_table(args) -> None:
+    """--processes N: one process (all cores) against N torchrun processes, same global batch."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    keep_freed_memory()
+    paths = stage_paths(vars(args))
+    cfg = load_yaml(args.config)["train"]
+    vocab = json.loads((paths["tokenizer"] / "tokenizer.json").read_text())["vocab_size"]
+    tokens = np.load(paths["encoded"] / "train.npy", mmap_mode="r")
+    fast_dtype = resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"})
+    one, _ = step_throughput(cfg, vocab, tokens, fast_dtype, cfg["loss_chunk_tokens"], args.steps)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.processes}",
+           str(REPO_ROOT / "stages" / "bench.py"), "--process-worker", "--config", str(args.config),
+           "--data-dir", args.data_dir, "--artifacts-dir", args.artifacts_dir, "--steps", str(args.steps)]
+    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    many = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    share = 1 - many["step_without_exchange_s"] / many["step_s"]
+    cores = os.cpu_count() or 1
+    print(f"training step, global batch {cfg['batch_size']} x {cfg['max_seq_length']}, {args.steps} steps:")
+    print(f"  NPROC=1 THREADS={cores}: {one / 1000:6.1f}K tok/s")
+    print(f"  NPROC={args.processes} THREADS={many['threads']}: {many['tokens_per_s'] / 1000:6.1f}K tok/s "
+          f"({many['tokens_per_s'] / one:.2f}x); gradient all-reduce {share * 100:.0f}% of a step "
+          f"({(many['step_s'] - many['step_without_exchange_s']) * 1000:.1f} of {many['step_s'] * 1000:.1f} ms)")
+    write_json_atomic(paths["bench"] / "processes.json", {"one_process_tokens_per_s": one, "processes": args.processes,
+                                                          **many, "allreduce_share": share})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -193,7 +267,14 @@ def main():
     parser.add_argument("--sizes", type=str, default="",
                         help="instead: tokens/s and peak RSS per 'BATCHxSEQ' setting, e.g. '16x128 32x128 64x128 32x64'")
     parser.add_argument("--one-size", type=str, default="", help=argparse.SUPPRESS)
+    parser.add_argument("--processes", type=int, default=0,
+                        help="instead: one process against N torchrun processes (tokens/s, all-reduce share)")
+    parser.add_argument("--process-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.process_worker:
+        return process_worker(args)
+    if args.processes:
+        return process_table(args)
     if args.one_size or args.sizes:
         return size_table(args)
 

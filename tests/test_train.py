@@ -71,7 +71,8 @@ def test_checkpoint_is_plain_and_loads_with_weights_only(encoded):
         assert key in ckpt, key
     assert set(ckpt["rng"]) == {"python", "numpy", "torch"}
     assert ckpt["epoch"] == 1 and ckpt["position"] == 0 and ckpt["config"]["learning_rate"] == 0.003
-    json.dumps({k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")})  # JSON-able metadata
+    assert ckpt["world_size"] == 1 and len(ckpt["rng_by_rank"]) == 1  # one training process
+    json.dumps({k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng", "rng_by_rank")})  # JSON-able metadata
     best = torch.load(encoded.artifacts / "checkpoints" / "best_model.pt", weights_only=True)
     assert best["kind"] == "best" and "optimizer" not in best
     assert not list((encoded.artifacts / "checkpoints").glob(".*tmp*")), "temp files left behind"
