@@ -301,6 +301,11 @@ class TinyTransformer(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.positions == "learned":
             self.wpe = nn.Embedding(cfg.max_seq_length, cfg.d_model)
+        else:  # the rotation of every position, computed once (not saved: it follows from the config)
+            cos, sin = rotary_tables(torch.arange(cfg.max_seq_length), cfg.d_model // cfg.n_heads, cfg.rotary_dims,
+                                     cfg.rotary_base)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
         self.drop = Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -339,12 +344,11 @@ class TinyTransformer(nn.Module):
         T = idx.shape[1]
         if start_pos + T > self.cfg.max_seq_length:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_length {self.cfg.max_seq_length}")
-        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
         if self.cfg.positions == "learned":
-            x, rotary = self.wte(idx) + self.wpe(pos), None
+            x, rotary = self.wte(idx) + self.wpe(torch.arange(start_pos, start_pos + T, device=idx.device)), None
         else:
-            head_dim, dims = self.cfg.d_model // self.cfg.n_heads, self.cfg.rotary_dims
-            x, rotary = self.wte(idx), (*rotary_tables(pos, head_dim, dims, self.cfg.rotary_base), dims)
+            window = slice(start_pos, start_pos + T)
+            x, rotary = self.wte(idx), (self.rotary_cos[window], self.rotary_sin[window], self.cfg.rotary_dims)
         x = self.drop(x)
         new_caches = []
         for i, block in enumerate(self.h):

@@ -93,7 +93,7 @@ def two_processes_uninterrupted(prepared, tmp_path_factory) -> dict:
     return ws.history()
 
 
-@pytest.mark.parametrize("fault", ["sigkill", "sigint"])
+@pytest.mark.parametrize("fault", ["sigkill", "oom", "sigint"])
 def test_a_stopped_or_killed_rank_resumes_to_the_same_losses(prepared, two_processes_uninterrupted, tmp_path, fault):
     ws = fresh(prepared, tmp_path)
     steps_per_epoch = two_processes_uninterrupted["epochs"][0]["step"]
@@ -102,10 +102,12 @@ def test_a_stopped_or_killed_rank_resumes_to_the_same_losses(prepared, two_proce
                      env={"FAULT_AT_STEP": f"{at}:{fault}", "FAULT_RANK": "1"})
     assert stopped.returncode != 0
     last = torch.load(ws.artifacts / "checkpoints" / "last.pt", weights_only=True)
-    if fault == "sigkill":
-        # rank 1 died: rank 0 says why it stops too; the last save is the end of epoch 1
+    if fault in ("sigkill", "oom"):
+        # rank 1 died or failed: rank 0 says why it stops too; the last save is the end of epoch 1
         assert "another training process stopped or died" in stopped.stderr
         assert (last["epoch"], last["position"]) == (1, 0)
+        if fault == "oom":
+            assert "Out of memory at BATCH_SIZE=16" in stopped.stderr and "rank 1 of 2" in stopped.stderr
     else:
         # Ctrl+C reached one rank during step `at`: both finish that step, stop before the next,
         # and rank 0 saves once, there

@@ -54,7 +54,8 @@ def test_few_blocks_are_illustrative():
 
 
 SECTIONS = ["out-of-memory", "disk-full", "diverging-or-nan-loss", "interrupted-runs-and-resume",
-            "empty-or-corrupted-corpus", "corpus-download-fails", "tokenizer-failures", "checkpoint-and-tokenizer-mismatch"]
+            "empty-or-corrupted-corpus", "corpus-download-fails", "tokenizer-failures", "checkpoint-and-tokenizer-mismatch",
+            "scaling-out"]
 
 
 def test_errors_point_to_existing_troubleshooting_sections():

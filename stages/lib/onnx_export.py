@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from model.tiny_transformer import rotary_tables, rotate_queries_keys
+from model.tiny_transformer import rotate_queries_keys
 
 OPSET = 20  # has LayerNormalization and Gelu as single operators
 
@@ -34,8 +34,8 @@ class CachedStep(torch.nn.Module):
         if cfg.positions == "learned":
             x, rotary = m.wte(input_ids) + m.wpe(positions), None
         else:
-            dims = cfg.rotary_dims
-            x, rotary = m.wte(input_ids), (*rotary_tables(positions, head_dim, dims, cfg.rotary_base), dims)
+            # the model's precomputed tables become constants of the graph, gathered at the positions
+            x, rotary = m.wte(input_ids), (m.rotary_cos[positions], m.rotary_sin[positions], cfg.rotary_dims)
         visible = torch.arange(cached + new)[None, :] <= positions[:, None]  # (new, cached + new)
         keys, values = [], []
         for i, block in enumerate(m.h):
