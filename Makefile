@@ -93,6 +93,7 @@ FLAGS_train     = $(call flag,--learning-rate,LR) $(call flag,--epochs,EPOCHS) $
                   $(call flag,--checkpoint-every,CHECKPOINT_EVERY) \
                   $(call flag,--sample-every,SAMPLE_EVERY) $(call flag,--resume,RESUME) \
                   $(call flag,--device,DEVICE) $(call flag,--dtype,DTYPE) $(call flag,--threads,THREADS) \
+                  $(call flag,--max-memory-gb,MAX_MEMORY_GB) \
                   $(if $(filter 1 yes true,$(COMPILE)),--compile,$(if $(filter 0 no false,$(COMPILE)),--no-compile)) \
                   $(call flag,--nproc,NPROC) $(call flag,--nnodes,NNODES) $(call flag,--node-rank,NODE_RANK) \
                   $(call flag,--master-addr,MASTER_ADDR) $(call flag,--master-port,MASTER_PORT)
@@ -100,14 +101,14 @@ FLAGS_evaluate  = $(call flag,--checkpoint,CHECKPOINT) $(call flag,--temperature
                   $(call flag,--top-k,TOP_K) $(call flag,--top-p,TOP_P)
 FLAGS_generate  = $(call flag,--checkpoint,CHECKPOINT) $(call flag,--prompt,PROMPT) \
                   $(call flag,--max-tokens,MAX_TOKENS) $(call flag,--temperature,TEMPERATURE) \
-                  $(call flag,--top-k,TOP_K) $(call flag,--top-p,TOP_P) $(call flag,--gen-seed,SEED) \
+                  $(call flag,--top-k,TOP_K) $(call flag,--top-p,TOP_P) $(call flag,--gen-seed,GEN_SEED) \
                   $(call flag,--runtime,RUNTIME)
 FLAGS_export    = $(call flag,--checkpoint,CHECKPOINT)
 
 # A local corpus is an input like any other: editing it reruns the pipeline from download.
 CORPUS_INPUTS = $(if $(CORPUS_PATH),$(if $(wildcard $(CORPUS_PATH)/.),$(wildcard $(CORPUS_PATH)/*.txt $(CORPUS_PATH)/*.html $(CORPUS_PATH)/*.htm),$(wildcard $(CORPUS_PATH))))
 
-.PHONY: help all check download prepare tokenizer encode train evaluate export generate runs bench sweep test venv \
+.PHONY: help all check download prepare tokenizer encode train evaluate export figures generate runs bench sweep test venv \
         clean-checkpoints clean distclean FORCE
 
 help: ## list targets and variables
@@ -128,11 +129,11 @@ help: ## list targets and variables
 	@echo "             WEIGHT_DECAY=0.1 GRAD_CLIP=1.0 SEED=1337 N_LAYERS=2 D_MODEL=128 N_HEADS=4"
 	@echo "             POSITIONS=rotary|learned ACTIVATION=relu2|gelu|relu"
 	@echo "             CHECKPOINT_EVERY=5 SAMPLE_EVERY=5 RESUME=auto|yes|no DEVICE=cpu DTYPE=auto|float32|bfloat16"
-	@echo "             COMPILE=yes|no THREADS=0 (per process; 0 = cores / NPROC)"
+	@echo "             COMPILE=yes|no THREADS=0 (per process; 0 = cores / NPROC) MAX_MEMORY_GB=0 (0 = available RAM)"
 	@echo "             NPROC=1 (torchrun processes) NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500"
 	@echo "  evaluate   CHECKPOINT=best_model.pt TEMPERATURE=0.8 TOP_K=50 TOP_P=1.0"
 	@echo "  export     CHECKPOINT=best_model.pt"
-	@echo "  generate   PROMPT='En el principio' MAX_TOKENS=100 TEMPERATURE=0.8 TOP_K=50 SEED=1 RUNTIME=torch|onnx"
+	@echo "  generate   PROMPT='En el principio' MAX_TOKENS=100 TEMPERATURE=0.8 TOP_K=50 GEN_SEED=1 RUNTIME=torch|onnx"
 	@echo "  sweep      SWEEP='learning_rate=0.0003,0.001 dropout=0.0,0.1' SWEEP_EPOCHS=20"
 
 # ---------------------------------------------------------------- environment
@@ -207,6 +208,9 @@ $(EVAL)/report.json: $(CODE_evaluate) $(PARAMS)/evaluate.json $(CKPT)/train_done
 export: $(EXPORT)/export.json ## 7. Hugging Face + ONNX copies of the model, proven equal -> artifacts/export/
 $(EXPORT)/export.json: $(CODE_export) $(PARAMS)/export.json $(CKPT)/train_done.json $(if $(TRAINS),$(TOK)/spm.model)
 	$(PY) stages/export.py $(BASE_FLAGS) $(FLAGS_export)
+
+figures: $(CKPT)/train_done.json | $(VENV_DONE) ## draw the docs' figures (docs/images/*.png) from the current run
+	$(PY) stages/figures.py $(BASE_FLAGS)
 
 generate: $(VENV_DONE) ## print a continuation of PROMPT from the trained model (RUNTIME=onnx: the export, no torch)
 	$(PY) stages/generate.py $(BASE_FLAGS) $(FLAGS_generate)

@@ -1,4 +1,4 @@
-"""Prerequisites, checked before any work starts (FR-002): `make check`, and the first step of `make all`.
+"""Prerequisites, checked before any work starts: `make check`, and the first step of `make all`.
 
     make check
     python stages/check.py --min-free-gb 2 [--corpus-path FILE | --corpus-url URL]

@@ -9,7 +9,7 @@ Cleans each line (Unicode NFC, control characters dropped, whitespace collapsed)
 and splits lines longer than --max-line-bytes at whitespace, because SentencePiece
 silently skips longer sentences: no text is dropped without being counted.
 Then shuffles whole documents with a fixed seed and holds out --val-fraction of
-them, so validation text is never seen in training (FR-013).
+them, so validation text is never seen in training.
 """
 
 from __future__ import annotations

@@ -9,15 +9,15 @@
 Reads data/encoded/{train,val}.npy memory-mapped (checked against the tokenizer).
 An epoch is one pass over every training token in non-overlapping windows of
 max_seq_length, in an order shuffled per epoch by a seeded generator (lib/batches.py).
-AdamW, linear warmup then cosine decay (FR-015), gradient clipping (FR-014)
+AdamW, linear warmup then cosine decay, gradient clipping
 (lib/optim.py). After every epoch: validation over the whole validation split, the
 eval-mode loss on a fixed training slice of the same size (the overfitting gap is
 measured against that), one summary line, history.json and metrics.jsonl.
 Checkpoints: last.pt every epoch, epoch_NNN.pt every --checkpoint-every epochs,
-best_model.pt, final_model.pt (FR-003, FR-005). train_done.json is written last: it
+best_model.pt, final_model.pt. train_done.json is written last: it
 is what make waits for.
 
-Resume (FR-006): an unfinished run with identical data, tokenizer, code and config
+Resume: an unfinished run with identical data, tokenizer, code and config
 is resumed exactly (optimizer, schedule, RNG, position in the epoch; lib/runs.py).
 Ctrl+C or SIGTERM stops at the next step, saves last.pt and exits 130 / 143.
 
@@ -277,7 +277,7 @@ def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dic
             loss_value = loss_sum_ / tokens
         if not math.isfinite(loss_value):
             raise PipelineError(f"loss became {loss_value} at epoch {epoch + 1}, step {state.step} (lr {lr:.2e})",
-                                "lower LR (e.g. LR=0.0001) or GRAD_CLIP, then RESUME=no", "diverging-or-nan-loss")
+                                "go back to the default LR=0.0015 (or half the LR that diverged), keep GRAD_CLIP=1.0, then RESUME=no", "diverging-or-nan-loss")
         state.step += 1
         state.running_sum += loss_value
         state.running_count += 1

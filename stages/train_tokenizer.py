@@ -34,6 +34,8 @@ def build_parser():
     p.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=None,
                    help="encode unseen characters as UTF-8 byte pieces")
     p.add_argument("--tokenizer-seed", type=int, default=None, help="seed of SentencePiece's input shuffling")
+    p.add_argument("--max-sentences", type=int, default=None,
+                   help="train on at most this many lines of the training split (a random sample beyond it)")
     return p
 
 
@@ -85,6 +87,8 @@ def main(cfg):
                 byte_fallback=cfg["byte_fallback"], normalization_rule_name="identity",
                 remove_extra_whitespaces=False, split_digits=True, max_sentence_length=4192,
                 num_threads=os.cpu_count() or 1,
+                # at most this many lines, drawn at random from a larger file: bounds memory
+                input_sentence_size=cfg["max_sentences"], shuffle_input_sentence=True,
                 minloglevel=2, **SPECIAL_IDS,
                 pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
             )
@@ -124,7 +128,8 @@ def main(cfg):
         "trained_on_bytes": len(text.encode("utf-8")),
         "round_trip_lines_checked": len(checks),
         **SPECIAL_IDS,
-        "config": {k: cfg[k] for k in ("vocab_size", "character_coverage", "byte_fallback", "tokenizer_seed")},
+        "config": {k: cfg[k] for k in ("vocab_size", "character_coverage", "byte_fallback", "tokenizer_seed",
+                                       "max_sentences")},
     }
     write_json_atomic(out / "tokenizer.json", meta)  # last: the sidecar means "tokenizer complete"
     english = next((line for line in checks if line.isascii()), "")

@@ -199,6 +199,7 @@ def test_memory_estimate_refuses_a_batch_that_cannot_fit(encoded):
     result = encoded.run("train.py", *TINY_TRAIN, "--batch-size", "4096", "--max-memory-gb", "0.05", check=False)
     assert result.returncode == 1
     assert "Out of memory" in result.stderr and "try BATCH_SIZE=2048" in result.stderr
+    assert "but the limit MAX_MEMORY_GB=0.05 is 0.05 GB" in result.stderr  # in one unit
 
 
 def test_out_of_memory_during_a_step_saves_and_explains(encoded):

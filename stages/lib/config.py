@@ -111,7 +111,7 @@ def resolve_config(parser: argparse.ArgumentParser, stage: str, argv=None, valid
     errors: list[str] = []
 
     known_sections = {"paths", "check", "download", "prepare", "tokenizer", "encode", "train", "evaluate", "generate",
-                      "export"}
+                      "export", "figures"}
     for section in defaults:
         if section not in known_sections:
             errors.append(f"unknown section '{section}' in {args.config} (known: {', '.join(sorted(known_sections))})")

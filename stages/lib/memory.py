@@ -11,7 +11,6 @@ import resource
 from pathlib import Path
 
 from lib.errors import PipelineError, log
-from lib.files import human_bytes
 
 
 def estimate_memory_bytes(cfg: dict, n_params: int, vocab: int) -> int:
@@ -26,7 +25,7 @@ def estimate_memory_bytes(cfg: dict, n_params: int, vocab: int) -> int:
 
 def memory_limit_bytes(cfg: dict) -> tuple[int, str]:
     if cfg["max_memory_gb"] > 0:
-        return int(cfg["max_memory_gb"] * 1e9), "MAX_MEMORY_GB"
+        return int(cfg["max_memory_gb"] * 1e9), f"the limit MAX_MEMORY_GB={cfg['max_memory_gb']:g}"
     limit, what = None, "available RAM"
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -50,9 +49,9 @@ def smaller_batch_hint(cfg: dict) -> str:
 def check_memory(cfg, n_params, vocab):
     need = estimate_memory_bytes(cfg, n_params, vocab)
     limit, what = memory_limit_bytes(cfg)
-    log(f"memory estimate {human_bytes(need)} per step (limit: {what}, {human_bytes(limit)})")
+    log(f"memory estimate {need / 1e9:.2f} GB per step (limit: {what}, {limit / 1e9:.2f} GB)")
     if need > limit:
-        raise PipelineError(
-            f"Out of memory: training needs about {human_bytes(need)} at BATCH_SIZE={cfg['batch_size']}, "
-            f"SEQ_LEN={cfg['max_seq_length']}, but {what} is {human_bytes(limit)}",
+        raise PipelineError(  # one unit, GB, like MAX_MEMORY_GB itself
+            f"Out of memory: training needs about {need / 1e9:.2f} GB at BATCH_SIZE={cfg['batch_size']}, "
+            f"SEQ_LEN={cfg['max_seq_length']}, but {what} is {limit / 1e9:.2f} GB",
             smaller_batch_hint(cfg), "out-of-memory")

@@ -30,7 +30,7 @@ def sample_prompts(paths) -> dict[str, str]:
 
 
 def generate_samples(model, sp, cfg, device, epoch: int, prompts: dict[str, str]) -> dict:
-    """Continue one English and one Spanish prompt (FR-011); seeded, so runs compare."""
+    """Continue one English and one Spanish prompt; seeded, so runs compare."""
     samples = {}
     for lang, prompt in prompts.items():
         prompt_ids = sp.encode(prompt)
