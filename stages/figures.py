@@ -105,8 +105,9 @@ def loss_curves(plt, history: list, out: Path) -> None:
 @torch.no_grad()
 def attention(plt, model, sp, sentence: str, out: Path) -> None:
     """Softmax(q k^T / sqrt(d) + causal mask) of every head of block 0, as the model computes it."""
-    ids = [sp.bos_id()] + sp.encode(sentence)
-    pieces = ["<s>"] + sp.encode(sentence, out_type=str)
+    keep = model.cfg.max_seq_length  # a sentence longer than the context is cut
+    ids = ([sp.bos_id()] + sp.encode(sentence))[:keep]
+    pieces = (["<s>"] + sp.encode(sentence, out_type=str))[:keep]
     x = model.wte(torch.tensor([ids]))
     T, C, H = len(ids), model.cfg.d_model, model.cfg.n_heads
     block = model.h[0]

@@ -55,7 +55,6 @@ def draw_val_curves(runs: list[dict], path: Path) -> None:
         label = f"{i}{' (current)' if r['current'] else ''}: {settings_text(r['settings'])}"
         ax.plot(range(1, len(r["val_curve"]) + 1), r["val_curve"], marker="o", markersize=3, label=label[:90])
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
     ax.set_ylabel("validation loss (nats/token)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)

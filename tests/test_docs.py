@@ -18,7 +18,7 @@ from pathlib import Path
 
 from conftest import REPO, copy_project, make_corpus_text
 
-DOCS = ["walkthrough.md", "training.md", "configuration.md", "troubleshooting.md"]
+DOCS = ["walkthrough.md", "training.md", "configuration.md", "speed.md", "troubleshooting.md"]
 BLOCK = re.compile(r"(<!--\s*(?P<mark>[a-z-]+)\s*-->\s*\n)?```(?P<lang>bash|python)\n(?P<code>.*?)```", re.S)
 
 TINY_OVERRIDES = {

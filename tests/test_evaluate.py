@@ -146,3 +146,11 @@ def test_malicious_checkpoint_is_not_executed(trained, tmp_path):
     assert result.returncode == 1
     assert "not a valid checkpoint" in result.stderr and "it was not executed" in result.stderr
     assert not marker.exists()
+
+
+def test_figures_are_drawn_from_the_run_and_the_code(trained, tmp_path):
+    out = trained.run("figures.py", "--out", str(tmp_path / "images"))
+    for name in ("lr_schedule.png", "window_grid.png", "loss_curves.png", "attention.png"):
+        data = (tmp_path / "images" / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+    assert "wrote lr_schedule.png" in out.stdout
