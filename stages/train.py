@@ -252,11 +252,11 @@ def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dic
     started, grad_norms, trained_tokens = time.perf_counter(), [], 0
     bar = tqdm(total=len(batches), initial=state.position, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
                disable=None if run.world.is_main else True, file=sys.stderr, dynamic_ncols=True)
-    stop_asked = 0.0
+    stop_asked = 0.0  # several processes: the sum over ranks of 1 per Ctrl+C, 1000 per SIGTERM
     for b in range(state.position, len(batches)):
         if stop.signum is not None or stop_asked:
             bar.close()
-            save_and_exit(run, state, epoch, b, stop.signum or int(stop_asked))
+            save_and_exit(run, state, epoch, b, stop.signum or (signal.SIGTERM if stop_asked >= 1000 else signal.SIGINT))
         lr = lr_at(state.step, cfg, run.total_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
@@ -272,8 +272,9 @@ def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dic
         if run.world.distributed:
             # the batch's loss over all ranks (token-weighted), and whether any rank was asked to stop
             # (each then stops before the same step)
+            asked = {signal.SIGINT: 1.0, signal.SIGTERM: 1000.0}.get(stop.signum, 0.0)
             loss_sum_, tokens, stop_asked = run.world.sum([loss_value * y.numel() * (weight > 0), y.numel() * (weight > 0),
-                                                           float(stop.signum or 0)], run.device)
+                                                           asked], run.device)
             loss_value = loss_sum_ / tokens
         if not math.isfinite(loss_value):
             raise PipelineError(f"loss became {loss_value} at epoch {epoch + 1}, step {state.step} (lr {lr:.2e})",

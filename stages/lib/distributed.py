@@ -86,7 +86,10 @@ class World:
         return mine, len(mine) * self.size / len(windows)
 
     def close(self) -> None:
+        """Leave the process group together: a rank that tears its connections down while
+        another still uses them makes that one abort."""
         if self.distributed and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
