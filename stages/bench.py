@@ -188,6 +188,14 @@ def size_table(args) -> None:
     write_json_atomic(paths["bench"] / "sizes.json", rows)
 
 
+def load_inputs(args) -> tuple[dict, dict, int, np.ndarray]:
+    """File locations, the YAML's training settings, the vocabulary size and the training tokens."""
+    paths = stage_paths(vars(args))
+    train_cfg = load_yaml(args.config)["train"]
+    vocab = json.loads((paths["tokenizer"] / "tokenizer.json").read_text())["vocab_size"]
+    return paths, train_cfg, vocab, np.load(paths["encoded"] / "train.npy", mmap_mode="r")
+
+
 def process_worker(args) -> None:
     """One of the torchrun processes of --processes: times DDP steps with and without the gradient exchange."""
     from torch.nn.parallel import DistributedDataParallel
@@ -198,10 +206,7 @@ def process_worker(args) -> None:
     world = join("cpu")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
     keep_freed_memory()
-    paths = stage_paths(vars(args))
-    cfg = load_yaml(args.config)["train"]
-    vocab = json.loads((paths["tokenizer"] / "tokenizer.json").read_text())["vocab_size"]
-    tokens = np.load(paths["encoded"] / "train.npy", mmap_mode="r")
+    paths, cfg, vocab, tokens = load_inputs(args)
     torch.manual_seed(0)
     T, B = cfg["max_seq_length"], cfg["batch_size"]
     model = TinyTransformer(model_config({**cfg, "dropout": resolve_dropout(cfg["dropout"], tokens.size)[0]}, vocab)).train()
@@ -233,10 +238,7 @@ def process_table(args) -> None:
     """--processes N: one process (all cores) against N torchrun processes, same global batch."""
     torch.set_num_threads(os.cpu_count() or 1)
     keep_freed_memory()
-    paths = stage_paths(vars(args))
-    cfg = load_yaml(args.config)["train"]
-    vocab = json.loads((paths["tokenizer"] / "tokenizer.json").read_text())["vocab_size"]
-    tokens = np.load(paths["encoded"] / "train.npy", mmap_mode="r")
+    paths, cfg, vocab, tokens = load_inputs(args)
     fast_dtype = resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"})
     one, _ = step_throughput(cfg, vocab, tokens, fast_dtype, cfg["loss_chunk_tokens"], args.steps)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.processes}",
@@ -280,10 +282,7 @@ def main():
 
     torch.set_num_threads(os.cpu_count() or 1)
     keep_freed_memory()
-    paths = stage_paths(vars(args))
-    train_cfg = load_yaml(args.config)["train"]
-    vocab = json.loads((paths["tokenizer"] / "tokenizer.json").read_text())["vocab_size"]
-    tokens = np.load(paths["encoded"] / "train.npy", mmap_mode="r")
+    paths, train_cfg, vocab, tokens = load_inputs(args)
     report = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                           "cpu_capability": torch.backends.cpu.get_cpu_capability()}}
 
