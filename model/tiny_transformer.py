@@ -114,15 +114,16 @@ def swap_pairs(x: torch.Tensor, dims: int) -> torch.Tensor:
     return torch.cat([x[..., half:dims], x[..., :half], x[..., dims:]], dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int, out=None) -> torch.Tensor:
     """Rotate each pair (j, j + dims/2) of x's last dimension by its position's angle.
 
     x is (..., T, heads, head_dim) or anything whose last dimension is head_dim and that
     broadcasts against cos and sin reshaped to (T, 1, head_dim) by the caller. A query at
     position m and a key at position n rotated this way have a dot product that depends
-    on their content and on m - n only: attention sees relative positions.
+    on their content and on m - n only: attention sees relative positions. `out`, if
+    given, receives the result (any layout).
     """
-    return torch.addcmul(x * cos, swap_pairs(x, dims), sin)
+    return torch.addcmul(x * cos, swap_pairs(x, dims), sin, out=out)
 
 
 class _RotaryFunction(torch.autograd.Function):
@@ -143,7 +144,7 @@ class _RotaryFunction(torch.autograd.Function):
         rotated = []
         for part in (qk[:, :, 0], qk[:, :, 1]):
             out = torch.empty(B, H, T, D, dtype=qk.dtype, device=qk.device)
-            torch.addcmul(part * cos, swap_pairs(part, dims), sin, out=out.transpose(1, 2))
+            apply_rotary(part, cos, sin, dims, out=out.transpose(1, 2))
             rotated.append(out)
         return tuple(rotated)
 
@@ -154,8 +155,7 @@ class _RotaryFunction(torch.autograd.Function):
         grad_qk = torch.empty(B, T, 2, H, D, dtype=grad_q.dtype, device=grad_q.device)
         swapped_sin = swap_pairs(sin, ctx.dims)
         for i, grad in enumerate((grad_q, grad_k)):
-            grad = grad.transpose(1, 2)
-            torch.addcmul(grad * cos, swap_pairs(grad, ctx.dims), swapped_sin, out=grad_qk[:, :, i])
+            apply_rotary(grad.transpose(1, 2), cos, swapped_sin, ctx.dims, out=grad_qk[:, :, i])
         return grad_qk, None, None, None
 
 
@@ -220,16 +220,20 @@ class CausalSelfAttention(nn.Module):
         # probabilities: there, PyTorch's fused attention (the fp32 path) needs a slower kernel.
         self.resid_dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None, rotary=None):
+    def queries_keys_values(self, x: torch.Tensor, rotary=None):
+        """q, k, v (B, heads, T, head_dim) of x (B, T, d): each head attends in its own subspace."""
         B, T, C = x.shape
         H, D = self.n_heads, self.head_dim
         if rotary is None:
-            # (B, T, C) -> (B, heads, T, head_dim): each head attends in its own subspace
-            q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
-        else:  # keys are cached rotated: each keeps the position it was made at
-            qk, v = self.c_attn(x).split([2 * C, C], dim=2)
-            q, k = rotate_queries_keys(qk.view(B, T, 2, H, D), rotary)
-            v = v.view(B, T, H, D).transpose(1, 2)
+            return tuple(t.view(B, T, H, D).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        # keys are cached rotated: each keeps the position it was made at
+        qk, v = self.c_attn(x).split([2 * C, C], dim=2)
+        q, k = rotate_queries_keys(qk.view(B, T, 2, H, D), rotary)
+        return q, k, v.view(B, T, H, D).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None, rotary=None):
+        B, T, C = x.shape
+        q, k, v = self.queries_keys_values(x, rotary)
         if cache is not None:
             k = torch.cat([cache[0], k], dim=2)
             v = torch.cat([cache[1], v], dim=2)
@@ -339,16 +343,19 @@ class TinyTransformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx: torch.Tensor, caches=None, start_pos: int = 0):
-        """Final-LayerNorm output (B, T, d) and the per-layer key/value caches."""
+    def embed(self, idx: torch.Tensor, start_pos: int = 0):
+        """The blocks' input (B, T, d) before dropout, and the rotation of these positions (None: learned positions)."""
         T = idx.shape[1]
         if start_pos + T > self.cfg.max_seq_length:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_length {self.cfg.max_seq_length}")
         if self.cfg.positions == "learned":
-            x, rotary = self.wte(idx) + self.wpe(torch.arange(start_pos, start_pos + T, device=idx.device)), None
-        else:
-            window = slice(start_pos, start_pos + T)
-            x, rotary = self.wte(idx), (self.rotary_cos[window], self.rotary_sin[window], self.cfg.rotary_dims)
+            return self.wte(idx) + self.wpe(torch.arange(start_pos, start_pos + T, device=idx.device)), None
+        window = slice(start_pos, start_pos + T)
+        return self.wte(idx), (self.rotary_cos[window], self.rotary_sin[window], self.cfg.rotary_dims)
+
+    def hidden_states(self, idx: torch.Tensor, caches=None, start_pos: int = 0):
+        """Final-LayerNorm output (B, T, d) and the per-layer key/value caches."""
+        x, rotary = self.embed(idx, start_pos)
         x = self.drop(x)
         new_caches = []
         for i, block in enumerate(self.h):

@@ -65,14 +65,20 @@ def flops_per_token(cfg: ModelConfig) -> float:
     return 3 * (L * per_layer + 2 * d * V)
 
 
-def step_throughput(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torch.dtype, chunk: int, steps: int) -> float:
-    """Tokens/s of train.py's own training step (same model, dropout and optimizer) on fixed batches."""
+def training_model(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torch.dtype):
+    """train.py's model (its dropout for these tokens), optimizer and autocast, on the CPU, from seed 0."""
     torch.manual_seed(0)
-    T, B = train_cfg["max_seq_length"], train_cfg["batch_size"]
     mcfg = model_config({**train_cfg, "dropout": resolve_dropout(train_cfg["dropout"], tokens.size)[0]}, vocab)
     model = TinyTransformer(mcfg).train()
     optimizer = make_optimizer(model, train_cfg, torch.device("cpu"))
     autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    return model, optimizer, autocast
+
+
+def step_throughput(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torch.dtype, chunk: int, steps: int) -> float:
+    """Tokens/s of train.py's own training step (same model, dropout and optimizer) on fixed batches."""
+    T, B = train_cfg["max_seq_length"], train_cfg["batch_size"]
+    model, optimizer, autocast = training_model(train_cfg, vocab, tokens, dtype)
     loss_fn = functools.partial(model.loss, chunk_tokens=chunk)
     starts = window_starts(tokens.size, T)
     rng = np.random.default_rng(0)
@@ -83,7 +89,7 @@ def step_throughput(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torc
     for x, y in batches[3:]:
         loss, _ = train_step(model, optimizer, x, y, autocast, loss_fn, train_cfg["grad_clip"])
         loss.item()  # as the training loop does: one sync per step
-    return steps * B * T / (time.perf_counter() - start), mcfg
+    return steps * B * T / (time.perf_counter() - start), model.cfg
 
 
 # Runs a Python script as __main__ and, at exit, writes its own peak RSS (VmHWM) to the
@@ -206,15 +212,11 @@ def process_worker(args) -> None:
     world = join("cpu")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
     keep_freed_memory()
-    paths, cfg, vocab, tokens = load_inputs(args)
-    torch.manual_seed(0)
+    _, cfg, vocab, tokens = load_inputs(args)
     T, B = cfg["max_seq_length"], cfg["batch_size"]
-    model = TinyTransformer(model_config({**cfg, "dropout": resolve_dropout(cfg["dropout"], tokens.size)[0]}, vocab)).train()
-    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    model, optimizer, autocast = training_model(cfg, vocab, tokens, resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"}))
     ddp = DistributedDataParallel(LossModule(model, cfg["loss_chunk_tokens"]), broadcast_buffers=False,
                                   gradient_as_bucket_view=True)
-    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16,
-                                 enabled=resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"}) == torch.bfloat16)
     rng = np.random.default_rng(0)
     starts = window_starts(tokens.size, T)
     times = {"exchange": [], "local": []}

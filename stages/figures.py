@@ -25,7 +25,6 @@ from lib.config import REPO_ROOT, resolve_config, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage
 from lib.files import atomic_path, read_json
 from lib.optim import lr_at
-from model.tiny_transformer import rotate_queries_keys
 
 
 def build_parser():
@@ -108,17 +107,10 @@ def attention(plt, model, sp, sentence: str, out: Path) -> None:
     keep = model.cfg.max_seq_length  # a sentence longer than the context is cut
     ids = ([sp.bos_id()] + sp.encode(sentence))[:keep]
     pieces = (["<s>"] + sp.encode(sentence, out_type=str))[:keep]
-    x = model.wte(torch.tensor([ids]))
+    x, rotary = model.embed(torch.tensor([ids]))
     T, C, H = len(ids), model.cfg.d_model, model.cfg.n_heads
     block = model.h[0]
-    qkv = block.attn.c_attn(block.ln_1(x))
-    if model.cfg.positions == "rotary":
-        qk, _ = qkv.split([2 * C, C], dim=2)
-        rotary = (model.rotary_cos[:T], model.rotary_sin[:T], model.cfg.rotary_dims)
-        q, k = rotate_queries_keys(qk.view(1, T, 2, H, C // H), rotary)
-    else:
-        x = x + model.wpe(torch.arange(T))
-        q, k, _ = (t.view(1, T, H, C // H).transpose(1, 2) for t in block.attn.c_attn(block.ln_1(x)).split(C, dim=2))
+    q, k, _ = block.attn.queries_keys_values(block.ln_1(x), rotary)
     scores = q @ k.transpose(-1, -2) / math.sqrt(C // H)
     weights = torch.softmax(scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")), dim=-1)[0]
     fig, axes = plt.subplots(1, H, figsize=(3.2 * H, 3.6))

@@ -103,7 +103,7 @@ def build_parser():
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the training step")
     a("--loss-chunk-tokens", type=int, default=None,
       help="compute logits + loss N tokens at a time (never the whole B x T x vocab tensor); 0 = all at once")
-    a("--threads", type=int, default=None, help="torch threads; 0 = one per core")
+    a("--threads", type=int, default=None, help="torch threads per process; 0 = the cores divided among the processes")
     a("--max-memory-gb", type=float, default=None, help="memory budget for the estimate; 0 = available RAM")
     # several processes: torchrun's settings (docs/configuration.md#scaling-out)
     a("--nproc", type=int, default=None, help="training processes on this machine (torchrun --nproc_per_node)")
@@ -278,7 +278,8 @@ def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dic
             loss_value = loss_sum_ / tokens
         if not math.isfinite(loss_value):
             raise PipelineError(f"loss became {loss_value} at epoch {epoch + 1}, step {state.step} (lr {lr:.2e})",
-                                "go back to the default LR=0.0015 (or half the LR that diverged), keep GRAD_CLIP=1.0, then RESUME=no", "diverging-or-nan-loss")
+                                "go back to the default LR=0.0015 (or half the LR that diverged), keep GRAD_CLIP=1.0, "
+                                "then RESUME=no", "diverging-or-nan-loss")
         state.step += 1
         state.running_sum += loss_value
         state.running_count += 1

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import torch
 
-from model.tiny_transformer import rotate_queries_keys
-
 OPSET = 20  # has LayerNormalization and Gelu as single operators
 
 
@@ -29,7 +27,7 @@ class CachedStep(torch.nn.Module):
     def forward(self, input_ids, past_keys, past_values):
         m, cfg = self.model, self.model.cfg
         cached, new = past_keys.shape[3], input_ids.shape[1]
-        heads, head_dim, width = cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.d_model
+        head_dim, width = cfg.d_model // cfg.n_heads, cfg.d_model
         positions = torch.arange(new) + cached
         if cfg.positions == "learned":
             x, rotary = m.wte(input_ids) + m.wpe(positions), None
@@ -39,12 +37,7 @@ class CachedStep(torch.nn.Module):
         visible = torch.arange(cached + new)[None, :] <= positions[:, None]  # (new, cached + new)
         keys, values = [], []
         for i, block in enumerate(m.h):
-            qk, v = block.attn.c_attn(block.ln_1(x)).split([2 * width, width], dim=2)
-            qk, v = qk.reshape(1, new, 2, heads, head_dim), v.reshape(1, new, heads, head_dim).transpose(1, 2)
-            if rotary is not None:
-                q, k = rotate_queries_keys(qk, rotary)
-            else:
-                q, k = (t.transpose(1, 2) for t in qk.unbind(2))
+            q, k, v = block.attn.queries_keys_values(block.ln_1(x), rotary)
             k, v = torch.cat([past_keys[i], k], dim=2), torch.cat([past_values[i], v], dim=2)
             keys.append(k)
             values.append(v)
