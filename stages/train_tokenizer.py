@@ -65,6 +65,18 @@ def sample_lines(text: str) -> list[str]:
     return english[:50] + spanish[:50] + ["Ünïcödé ✓ text the corpus never showed: 東京 €5 — ¿sí? ¡ñandú!"]
 
 
+def without_paths(model: bytes) -> bytes:
+    """The model file with the training paths SentencePiece records in it blanked, so that the same
+    text trains the same bytes in any folder (another ARTIFACTS_DIR must not look like another tokenizer)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.model_prefix = "spm"
+    return proto.SerializeToString()
+
+
 def main(cfg):
     import sentencepiece as spm
 
@@ -116,9 +128,10 @@ def main(cfg):
         if failures:
             raise PipelineError(f"tokenizer round-trip failed on {failures} of {len(checks)} lines; nothing was written",
                                 "check --byte-fallback and --character-coverage", "tokenizer-failures")
-        for suffix in ("model", "vocab"):
-            with atomic_path(out / f"spm.{suffix}") as dest:
-                shutil.copyfile(f"{prefix}.{suffix}", dest)
+        with atomic_path(out / "spm.model") as dest:
+            dest.write_bytes(without_paths(Path(f"{prefix}.model").read_bytes()))
+        with atomic_path(out / "spm.vocab") as dest:
+            shutil.copyfile(f"{prefix}.vocab", dest)
 
     meta = {
         "vocab_size": sp.get_piece_size(),

@@ -29,6 +29,9 @@ from lib.files import write_text_atomic
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # train.py's settings for several processes (lib/distributed.py): how it runs, not what it learns
 LAUNCH_KEYS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
+# Where files live and how hard to try are not what a stage produces: they stay out of the parameter
+# files, so another ARTIFACTS_DIR or a longer timeout reruns nothing.
+NOT_RESULT_KEYS = ("data_dir", "artifacts_dir", "timeout_s", "retries", "max_download_mb", *LAUNCH_KEYS)
 # PIPELINE_CONFIG points every stage at another defaults file (the docs tests use a tiny one).
 DEFAULT_CONFIG = Path(os.environ.get("PIPELINE_CONFIG") or REPO_ROOT / "config" / "defaults.yaml")
 
@@ -171,8 +174,7 @@ def write_params(path: Path, stage: str, cfg: dict) -> None:
     Make reruns a stage when its parameter file is newer than its outputs, so the file
     is rewritten exactly when the stage must rerun, and this line says why beforehand.
     """
-    # How many processes train is not what they train: changing it reruns nothing.
-    cfg = {k: v for k, v in cfg.items() if k not in LAUNCH_KEYS}
+    cfg = {k: v for k, v in cfg.items() if k not in NOT_RESULT_KEYS}
     text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     old_text = path.read_text(encoding="utf-8") if path.exists() else None
     if old_text == text:

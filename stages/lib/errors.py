@@ -7,9 +7,12 @@ exits non-zero; Ctrl+C and SIGTERM exit 130 and 143.
 
 from __future__ import annotations
 
+import errno
+import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 
 TROUBLESHOOTING = "docs/troubleshooting.md"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
@@ -59,6 +62,15 @@ def silence_log(stage: str) -> None:
     _SILENT = True
 
 
+# What the interrupt message says was kept; a stage with something to resume sets its own.
+_INTERRUPT_NOTE = "its outputs were not updated"
+
+
+def set_interrupt_note(note: str) -> None:
+    global _INTERRUPT_NOTE
+    _INTERRUPT_NOTE = note
+
+
 def log(message: str) -> None:
     if not _SILENT:
         print(f"[{_STAGE}] {message}", flush=True)
@@ -82,8 +94,36 @@ def run_stage(main, cfg: dict, report_time: bool = True) -> None:
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, Terminated) as exc:
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"\n{what}: stage '{_STAGE}' stopped before finishing; its outputs were not updated "
-              f"(a partial download is kept and resumed). Rerun the same command.", file=sys.stderr, flush=True)
+        print(f"\n{what}: stage '{_STAGE}' stopped before finishing; {_INTERRUPT_NOTE}. Rerun the same command.",
+              file=sys.stderr, flush=True)
         sys.exit(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT)
+    except OSError as exc:
+        explained = explain_os_error(exc)
+        if explained is None:
+            raise
+        print(str(explained), file=sys.stderr, flush=True)
+        sys.exit(explained.exit_code)
     if report_time:
         log(f"done in {time.perf_counter() - start:.1f}s")
+
+
+def explain_os_error(exc: OSError) -> PipelineError | None:
+    """A full disk, a read-only folder or a missing permission, said as what to do; None for anything else."""
+    where = Path(exc.filename) if exc.filename else None
+    if exc.errno == errno.ENOSPC:
+        folder = where.parent if where else Path(".")
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return PipelineError(
+            f"disk full while writing {where or 'a file'} ({shutil.disk_usage(folder).free / 1e6:.1f} MB free in "
+            f"{folder}); stage '{_STAGE}' stopped and its finished outputs are untouched",
+            "free some disk space (or point DATA_DIR / ARTIFACTS_DIR at a larger disk) and rerun the same command",
+            "disk-full")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "the file system is read-only" if exc.errno == errno.EROFS else "permission denied"
+        return PipelineError(
+            f"cannot write {where or 'a file'}: {why}; stage '{_STAGE}' stopped without changing its outputs",
+            f"make {where.parent if where else 'the folder'} writable (or point DATA_DIR / ARTIFACTS_DIR at a writable "
+            f"folder, e.g. `make evaluate ARTIFACTS_DIR=/tmp/artifacts` after copying artifacts/ there) and rerun",
+            "read-only-or-permission-denied")
+    return None

@@ -1,0 +1,58 @@
+"""Real faults for the tests: a small tmpfs is a full disk, a read-only bind mount a read-only folder.
+
+Both need root (this machine and CI run as root); elsewhere the tests that use them are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+
+def _mount(*args) -> None:
+    result = subprocess.run(["mount", *map(str, args)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount here (needs root): {result.stderr.strip()}")
+
+
+def umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    """`path` becomes a tmpfs of `size` (e.g. '3m'): writing more than that fails with ENOSPC."""
+    path.mkdir(parents=True, exist_ok=True)
+    _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", path)
+    try:
+        yield path
+    finally:
+        umount(path)
+
+
+def resize(path: Path, size: str) -> None:
+    _mount("-o", f"remount,size={size}", path)
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """`path` stays readable, and every write under it fails with EROFS (a read-only bind mount of itself)."""
+    _mount("--bind", path, path)
+    try:
+        _mount("-o", "remount,bind,ro", path)
+        yield path
+    finally:
+        umount(path)
+
+
+def fill(folder: Path, leave_bytes: int) -> Path:
+    """Fill the file system of `folder` until `leave_bytes` are free (a filler file the test can delete)."""
+    filler = folder / "filler.bin"
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - leave_bytes))
+    return filler
