@@ -322,7 +322,7 @@ def download_url(cfg, dest: Path) -> None:
                     with open(partial, "ab" if resumed else "wb") as out, tqdm(
                             total=total, initial=have, unit="B", unit_scale=True, desc="download",
                             disable=None, file=sys.stdout) as bar:
-                        for block in resp.iter_content(chunk_size=1 << 16):
+                        for block in resp.iter_content(chunk_size=1 << 13):  # small: a dropped connection loses little
                             got += len(block)
                             if got > limit:
                                 out.close()
