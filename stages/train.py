@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -48,12 +49,12 @@ import torch
 from tqdm import tqdm
 
 from lib.batches import epoch_windows, get_batch, load_training_data, loss_sum
-from lib.checkpoints import rng_state, save_checkpoint
+from lib.checkpoints import checkpoint_bytes, rng_state, save_checkpoint
 from lib.config import check_positive, log_config, public, resolve_config, stage_parser, stage_paths
-from lib.distributed import World, join, launched_by_torchrun, lost_peer, relaunch_under_torchrun
+from lib.distributed import World, join, launch_ranks, launched_by_torchrun, lost_peer, report_stop_to_launcher
 from lib.errors import EXIT_SIGINT, EXIT_SIGTERM, PipelineError, log, run_stage, silence_log
 from lib.faults import StopRequest, inject_fault
-from lib.files import write_json_atomic
+from lib.files import human_bytes, write_json_atomic, write_text_atomic
 from lib.hardware import keep_freed_memory, resolve_device, resolve_dtype
 from lib.memory import check_memory, smaller_batch_hint
 from lib.optim import LossModule, lr_at, make_optimizer, train_step
@@ -208,7 +209,7 @@ def save_resumable(run: Run, state: Progress, path: Path, kind: str, epoch: int,
 def save_and_exit(run: Run, state: Progress, epoch: int, batch: int, signum: int) -> None:
     save_resumable(run, state, run.dir / "last.pt", "last", epoch, batch)
     if run.world.is_main:
-        print(f"saved {run.dir / 'last.pt'} at epoch {epoch + 1}, batch {batch}; resume with: {resume_command()}",
+        print(f"saved {run.dir / 'last.pt'} at epoch {epoch + 1}, batch {batch}; resume with: {resume_command(run.cfg)}",
               file=sys.stderr, flush=True)
     run.world.close()
     sys.exit(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
@@ -322,7 +323,11 @@ def measure_epoch(run: Run, state: Progress, epoch: int, stats: dict, run_starte
 
 
 def end_of_epoch(run: Run, state: Progress, entry: dict) -> None:
-    """Log one line, append to the history, save best_model.pt / epoch_NNN.pt / last.pt (rank 0 writes)."""
+    """Log one line; save best_model.pt / epoch_NNN.pt / last.pt, then history.json and metrics.jsonl (rank 0 writes).
+
+    The history files are written after the checkpoints and rewritten whole from the history, so
+    whatever stops a save (a full disk), they hold each epoch once, matching last.pt.
+    """
     epoch, epochs, main = entry["epoch"], run.cfg["epochs"], run.world.is_main
     state.history.append(entry)
     state.running_sum, state.running_count = 0.0, 0
@@ -332,20 +337,52 @@ def end_of_epoch(run: Run, state: Progress, entry: dict) -> None:
     for lang, text in entry.get("samples", {}).items():
         log(f"  sample [{lang}] {text!r}")
 
-    if main:
-        with open(run.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
     if entry["val_loss"] < state.best_val:
         state.best_val = entry["val_loss"]
         if main:
             save_checkpoint(run.dir / "best_model.pt",
                             model_checkpoint(run, state, "best", epoch, val_loss=entry["val_loss"]))
-    if main:
-        write_json_atomic(run.dir / "history.json", {"config": public(run.cfg), "fingerprint": run.fingerprint,
-                                                     "epochs": state.history})
     if epoch % run.cfg["checkpoint_every"] == 0:
         save_resumable(run, state, run.dir / f"epoch_{epoch:03d}.pt", "epoch", epoch, 0)
     save_resumable(run, state, run.dir / "last.pt", "last", epoch, 0)
+    if main:
+        write_history(run, state)
+
+
+def write_history(run: Run, state: Progress) -> None:
+    write_json_atomic(run.dir / "history.json", {"config": public(run.cfg), "fingerprint": run.fingerprint,
+                                                 "epochs": state.history})
+    write_text_atomic(run.dir / "metrics.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in state.history))
+
+
+def check_room_for_saves(run: Run, state: Progress, epoch: int) -> None:
+    """Before an epoch starts: the saves at its end must fit, or training stops now, losing nothing.
+
+    Sizes are those of this run's checkpoints, serialised in memory; a file being replaced needs room
+    for its new copy beside the old one until the rename.
+    """
+    if not run.world.is_main:
+        return
+    if run.save_sizes is None:
+        run.save_sizes = (len(checkpoint_bytes(model_checkpoint(run, state, "best", epoch))),
+                          len(checkpoint_bytes(training_checkpoint(run, state, "last", epoch, 0, [rng_state()]))))
+    model_bytes, training_bytes = run.save_sizes
+    due = (epoch + 1) % run.cfg["checkpoint_every"] == 0
+    needed = model_bytes + training_bytes * (2 if due else 1) + (1 << 20)  # + history files
+    free = shutil.disk_usage(run.dir).free
+    if free >= needed:
+        return
+    sizes = f"a training checkpoint is {human_bytes(training_bytes)}, a model {human_bytes(model_bytes)}"
+    if not state.history:
+        raise PipelineError(
+            f"{run.dir} cannot hold this run's checkpoints: {human_bytes(free)} free, the first epoch's saves need "
+            f"about {human_bytes(needed)} ({sizes}); nothing was trained",
+            "free some disk space or point ARTIFACTS_DIR at a larger disk, then rerun the same command", "disk-full")
+    raise PipelineError(
+        f"{run.dir} has {human_bytes(free)} free, and the saves at the end of epoch {epoch + 1} need about "
+        f"{human_bytes(needed)} ({sizes}); stopped before training it, so nothing is lost: epochs 1-{epoch} are saved "
+        f"in {run.dir / 'last.pt'}",
+        f"free some disk space, then rerun the same command to resume ({resume_command(run.cfg)})", "disk-full")
 
 
 def finish(run: Run, state: Progress) -> None:
@@ -365,13 +402,23 @@ def finish(run: Run, state: Progress) -> None:
 
 def main(cfg):
     if cfg["nproc"] * cfg["nnodes"] > 1 and not launched_by_torchrun():
-        relaunch_under_torchrun(cfg)  # starts this script once per process; never returns
+        return launch_ranks(cfg)  # runs this script once per process under torchrun, and waits
     world = join(cfg["device"])
     if not world.is_main:
         silence_log(f"train rank {world.rank}")  # rank 0 speaks for all
     log_config(cfg)
     run = setup(cfg, world)
     lock = acquire_lock(Path(cfg["artifacts_dir"])) if world.is_main else None
+    try:  # whatever ends the run (an error, Ctrl+C, a full disk), the lock and its file go
+        train(run, world)
+    finally:
+        if lock:
+            lock.close()
+    world.close()
+
+
+def train(run: Run, world: World) -> None:
+    cfg = run.cfg
     mode, ckpt = world.broadcast(choose_start(cfg, run.paths, run.identity) if world.is_main else None)
     if mode in ("finished", "restored"):
         if mode == "finished":
@@ -379,8 +426,6 @@ def main(cfg):
                 f"(RESUME=no / --restart trains again, moving it aside)")
         if world.is_main:
             (run.dir / "train_done.json").touch()  # up to date for make, whose parameter file may be newer
-            lock.close()
-        world.close()
         return
     if world.is_main:
         run.dir.mkdir(parents=True, exist_ok=True)
@@ -406,6 +451,7 @@ def main(cfg):
     run.model.train()
     try:
         for epoch in range(state.epoch, cfg["epochs"]):
+            check_room_for_saves(run, state, epoch)
             stats = train_epoch(run, state, epoch, stop)
             entry = measure_epoch(run, state, epoch, stats, run_started)
             end_of_epoch(run, state, entry)
@@ -416,13 +462,13 @@ def main(cfg):
         raise PipelineError(f"rank {world.rank}: another training process stopped or died, so this one stops too "
                             f"({str(exc).splitlines()[0][:120]}); {saved}",
                             "see the first error above (torchrun names the failed rank and its exit code); "
-                            "`make train` resumes from the last save", "scaling-out") from None
+                            f"rerun the same command to resume from the last save ({resume_command(cfg)})",
+                            "scaling-out") from None
     if world.is_main:
         finish(run, state)
-        lock.close()
-    world.close()
 
 
 if __name__ == "__main__":
     config = resolve_config(build_parser(), "train", validate=validate)
-    run_stage(main, config)
+    with report_stop_to_launcher():
+        run_stage(main, config)

@@ -18,6 +18,7 @@ training checkpoints ("epoch", "last") add what exact resume needs:
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
@@ -26,16 +27,24 @@ import torch
 
 from lib.config import stage_paths
 from lib.errors import PipelineError
-from lib.files import atomic_path, inject_disk_full_fault
+from lib.files import write_bytes_atomic
 
 FORMAT = "tiny-transformer-checkpoint/1"
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    payload = {"format": FORMAT, **payload}
-    with atomic_path(path, needed_bytes=64 << 20) as tmp:
-        inject_disk_full_fault(path)
-        torch.save(payload, tmp)
+def checkpoint_bytes(payload: dict) -> bytes:
+    """The file's bytes, serialised in memory: their size is known before the disk is touched."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(path: Path, payload: dict) -> int:
+    """Write atomically; returns the file's size. A full disk is an OSError here, never torch's
+    'unexpected pos' RuntimeError, so it becomes the clear disk-full message of lib/files.py."""
+    data = checkpoint_bytes(payload)
+    write_bytes_atomic(path, data)
+    return len(data)
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -13,11 +13,18 @@ batch. Figures (losses, validation) are summed over the ranks; rank 0 alone writ
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import json
 import os
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 
 import numpy as np
@@ -25,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from lib.config import LAUNCH_KEYS
-from lib.errors import PipelineError, log
+from lib.errors import EXIT_SIGINT, EXIT_SIGTERM, PipelineError, log
 
 
 @dataclass
@@ -185,11 +192,78 @@ def without_launch_flags(argv: list[str]) -> list[str]:
     return kept
 
 
-def relaunch_under_torchrun(cfg: dict) -> None:
-    """Replace this process with torchrun (it never returns)."""
+# A rank stopped by Ctrl+C / SIGTERM writes the exit code here and exits 0, so that torchrun ends
+# quietly (a rank's non-zero exit makes it print a traceback) and the launcher exits with the code.
+STOP_FILE_ENV = "TRAIN_STOP_CODE_FILE"
+# The launch settings the ranks do not see as flags (torchrun must not take them for its own), for the
+# resume command they print: JSON {key: value} of those that differ from the defaults.
+LAUNCH_SETTINGS_ENV = "TRAIN_LAUNCH_SETTINGS"
+
+
+def launch_ranks(cfg: dict) -> None:
+    """Run torchrun, which starts this script once per process, and wait for it.
+
+    torchrun runs in a session of its own, so a Ctrl+C at the terminal reaches this launcher only;
+    the launcher passes each signal on to the training processes below torchrun (not to torchrun's
+    agent, which would answer with a traceback), they save once and stop, and it exits 130 / 143 like
+    one process does.
+    """
     check_launch(cfg)
     command = torchrun_command(cfg, without_launch_flags(sys.argv))
     log("launching: torchrun " + " ".join(command[3:]))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(command[0], command)
+    with tempfile.TemporaryDirectory(prefix="train-launch-") as tmp:
+        stop_file = Path(tmp) / "stop_code"
+        torchrun = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent,
+                                    env={**os.environ, STOP_FILE_ENV: str(stop_file), LAUNCH_SETTINGS_ENV: json.dumps(
+                                        {k: cfg[k] for k in cfg.get("_overridden", []) if k in LAUNCH_KEYS})})
+
+        def pass_on(signum, frame):
+            for pid in _descendants(torchrun.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+
+        signal.signal(signal.SIGINT, pass_on)
+        signal.signal(signal.SIGTERM, pass_on)
+        code = torchrun.wait()
+        stopped = stop_file.read_text().strip() if stop_file.exists() else ""
+    if stopped:
+        sys.exit(int(stopped))
+    if code:
+        sys.exit(code)  # torchrun and the failed rank have said what happened
+
+
+def _die_with_parent() -> None:
+    """torchrun gets SIGTERM (and stops its ranks) if the launcher is killed with -9."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below `root` (torchrun's training processes, each in a session of its own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after the name: state, ppid, ...
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+@contextlib.contextmanager
+def report_stop_to_launcher():
+    """Under launch_ranks: a rank's exit 130 / 143 is written to the launcher's file, and the rank exits 0."""
+    stop_file = os.environ.get(STOP_FILE_ENV)
+    try:
+        yield
+    except SystemExit as exc:
+        if stop_file and launched_by_torchrun() and exc.code in (EXIT_SIGINT, EXIT_SIGTERM):
+            with contextlib.suppress(OSError):
+                Path(stop_file).write_text(str(exc.code))
+            raise SystemExit(0) from None
+        raise

@@ -12,6 +12,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import sys
 import time
@@ -19,7 +21,8 @@ from pathlib import Path
 
 from lib.checkpoints import load_checkpoint
 from lib.code_files import code_files
-from lib.config import LAUNCH_KEYS, REPO_ROOT, public
+from lib.config import DEFAULT_CONFIG, LAUNCH_KEYS, REPO_ROOT, public
+from lib.distributed import LAUNCH_SETTINGS_ENV
 from lib.errors import PipelineError, log
 
 # Keys that do not change what is learned: a run that differs only in these is the same run.
@@ -63,23 +66,46 @@ def describe_difference(old: dict, new: dict) -> str:
     return ", ".join(diffs) or "unknown"
 
 
-def acquire_lock(artifacts: Path):
+class RunLock:
+    """artifacts/.train.lock, held (flock) while a training process uses the folder; the file goes with it."""
+
+    def __init__(self, path: Path, handle):
+        self.path, self.handle = path, handle
+
+    def close(self) -> None:
+        if self.handle.closed:
+            return
+        self.path.unlink(missing_ok=True)  # while still locked: nobody else can be holding this file
+        self.handle.close()
+
+
+def acquire_lock(artifacts: Path) -> RunLock:
     artifacts.mkdir(parents=True, exist_ok=True)
-    handle = open(artifacts / ".train.lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        raise PipelineError(
-            f"another training run (pid {holder}) is already using {artifacts}; this one did not touch it",
-            "wait for it to finish, or stop it (Ctrl+C resumes later); to train in parallel use another ARTIFACTS_DIR",
-            "interrupted-runs-and-resume") from None
+    path = artifacts / ".train.lock"
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise PipelineError(
+                f"another training run (pid {holder}) is already using {artifacts}; this one did not touch it",
+                "wait for it to finish, or stop it (Ctrl+C resumes later); to train in parallel use another ARTIFACTS_DIR",
+                "interrupted-runs-and-resume") from None
+        try:
+            same_file = os.fstat(handle.fileno()).st_ino == path.stat().st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:  # else the previous holder removed it between our open and our lock: try again
+            break
+        handle.close()
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
     handle.flush()
-    return handle
+    return RunLock(path, handle)
 
 
 def archive_run(paths, reason: str) -> None:
@@ -189,7 +215,58 @@ def restore_finished_run(paths, fp: str) -> bool:
     return True
 
 
-def resume_command() -> str:
-    """The command that continues an interrupted run, for the message printed when it stops."""
-    return "make train" if os.environ.get("MAKELEVEL") else "python " + " ".join(
-        [sys.argv[0]] + [a for a in sys.argv[1:] if a not in ("--restart",)])
+def make_variables() -> dict[str, str]:
+    """{config key: Make variable} as the Makefile passes them on (`$(call flag,--learning-rate,LR)`)."""
+    text = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    pairs = {flag.replace("-", "_"): var for flag, var in re.findall(r"\$\(call flag,--([a-z0-9-]+),([A-Z_0-9]+)\)", text)}
+    return {**pairs, "compile": "COMPILE", "data_dir": "DATA_DIR", "artifacts_dir": "ARTIFACTS_DIR"}
+
+
+def make_command_line_variables() -> dict[str, str]:
+    """NAME=value pairs given on make's command line, from MAKEFLAGS (` -- LR=0.001 PROMPT=a\\ b`); no RESUME."""
+    flags = os.environ.get("MAKEFLAGS", "")
+    if " -- " not in f" {flags} ":
+        return {}
+    tail = f" {flags} ".split(" -- ", 1)[1]
+    pairs = {}
+    for word in re.split(r"(?<!\\) ", tail.strip()):
+        name, sep, value = word.partition("=")
+        if sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and name != "RESUME":
+            pairs[name] = value.replace("\\ ", " ")
+    return dict(reversed(list(pairs.items())))  # make lists them last first
+
+
+def resume_command(cfg: dict) -> str:
+    """The command that continues this run: the same settings, so it is not taken for a new run.
+
+    Every setting that differs from the defaults is repeated, as Make variables under make
+    (`make train EPOCHS=3 LR=0.001 NPROC=2`), as flags otherwise; RESUME / --restart are left out.
+    """
+    launch = json.loads(os.environ.get(LAUNCH_SETTINGS_ENV) or "{}")  # a rank of launch_ranks: NPROC and co.
+    cfg = {**cfg, **launch}
+    changed = [key for key in cfg.get("_overridden", []) if key != "resume"]
+    changed += [key for key in launch if key not in changed]
+    config = cfg.get("_config")
+    default_config = config is None or Path(config).resolve() == DEFAULT_CONFIG.resolve()
+
+    def shown(value) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return shlex.quote(str(value))
+
+    variables = make_variables()
+    if os.environ.get("MAKELEVEL") and all(key in variables for key in changed):
+        # make's command line first: it also holds what the stages before training were given (CORPUS_PATH=...)
+        given = make_command_line_variables()
+        words = ["make", "train"] + [f"{name}={shlex.quote(value)}" for name, value in given.items()]
+        if not default_config and "CONFIG" not in given:
+            words.append(f"CONFIG={shlex.quote(str(config))}")
+        return " ".join(words + [f"{variables[key]}={shown(cfg[key])}" for key in changed if variables[key] not in given])
+    words = ["python", "stages/train.py"] + ([] if default_config else ["--config", shlex.quote(str(config))])
+    for key in changed:
+        flag = "--" + key.replace("_", "-")
+        if isinstance(cfg[key], bool):
+            words.append(flag if cfg[key] else "--no-" + flag[2:])
+        else:
+            words += [flag, shown(cfg[key])]
+    return " ".join(words)

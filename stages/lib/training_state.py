@@ -40,6 +40,7 @@ class Run:
     fingerprint: str
     world: World  # this process among the training processes (one process: rank 0 of 1)
     step_loss: object  # (x, y) -> the training loss; DistributedDataParallel-wrapped with several processes
+    save_sizes: tuple | None = None  # bytes of (a model checkpoint, a training checkpoint), measured once
 
     @property
     def dir(self) -> Path:

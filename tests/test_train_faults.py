@@ -1,0 +1,90 @@
+"""Real faults around training: a disk that fills up (a tmpfs) at an epoch's end or is too small from
+the start, and Ctrl+C of several processes sent to the process group as a terminal does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import torch
+
+from conftest import PYTHON, REPO, TINY_TRAIN, Workspace
+from faults_helpers import fill, small_disk
+
+
+def losses(ws):
+    return [(e["train_loss"], e["train_loss_eval"], e["val_loss"]) for e in ws.history()["epochs"]]
+
+
+def steps_per_epoch(ws, seq_len=32, batch=16):
+    tokens = json.loads((ws.data / "encoded" / "train.json").read_text())["tokens"]
+    return -(-((tokens - 1) // seq_len) // batch)
+
+
+def start_train(ws, *args, env=None):
+    cmd = [PYTHON, str(REPO / "stages" / "train.py"), "--data-dir", str(ws.data), "--artifacts-dir", str(ws.artifacts),
+           *map(str, args)]
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(path, seconds=180):
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared"
+
+
+def test_disk_full_at_an_epoch_end_loses_no_finished_epoch(encoded, corpus_file, tmp_path):
+    straight = Workspace(tmp_path / "straight").prepare_data(corpus_file)
+    straight.run("train.py", *TINY_TRAIN, "--epochs", "3")
+    ckpt, marker = encoded.artifacts / "checkpoints", tmp_path / "paused"
+    with small_disk(ckpt, "20m"):
+        # Paused inside epoch 2 (after its free-space check), the disk fills up; the epoch's saves then fail for real.
+        proc = start_train(encoded, *TINY_TRAIN, "--epochs", "3",
+                           env={"FAULT_AT_STEP": f"{steps_per_epoch(encoded) + 3}:pause={marker}"})
+        wait_for(marker)
+        filler = fill(ckpt, leave_bytes=40_000)
+        marker.unlink()
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, err
+        assert "disk full while writing" in err and "free some disk space" in err and "Traceback" not in err
+        assert torch.load(ckpt / "last.pt", weights_only=True)["epoch"] == 1, "epoch 1's save is intact"
+        assert not (encoded.artifacts / ".train.lock").exists(), "the lock goes with the run"
+        assert len((ckpt / "metrics.jsonl").read_text().splitlines()) == 1
+        assert not list(ckpt.glob(".*.tmp*"))
+
+        filler.unlink()
+        encoded.run("train.py", *TINY_TRAIN, "--epochs", "3")
+        metrics = [json.loads(line)["epoch"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+        assert metrics == [1, 2, 3], "each epoch once in metrics.jsonl"
+        assert losses(encoded) == losses(straight)
+
+
+def test_a_folder_that_cannot_hold_one_save_is_refused_before_training(encoded):
+    ckpt = encoded.artifacts / "checkpoints"
+    with small_disk(ckpt, "1m"):
+        fill(ckpt, leave_bytes=150_000)
+        result = encoded.run("train.py", *TINY_TRAIN, check=False)
+        assert result.returncode == 1, result.stderr
+        assert "cannot hold this run's checkpoints" in result.stderr and "nothing was trained" in result.stderr
+        assert "epoch  1/2" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_of_two_processes_ends_like_one_and_names_the_settings(encoded, tmp_path):
+    marker = tmp_path / "paused"
+    args = [*TINY_TRAIN, "--epochs", "3", "--learning-rate", "0.002", "--nproc", "2", "--dropout", "0"]
+    proc = start_train(encoded, *args, env={"FAULT_AT_STEP": f"5:pause={marker}", "FAULT_RANK": "0"})
+    wait_for(marker)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C at the terminal does: the whole foreground group
+    marker.unlink()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "SignalException" not in err and "ChildFailedError" not in err, err
+    assert "resume with: python stages/train.py" in err and "--learning-rate 0.002" in err and "--nproc 2" in err
+    last = torch.load(encoded.artifacts / "checkpoints" / "last.pt", weights_only=True)
+    assert last["world_size"] == 2 and last["step"] == 6  # the paused step finishes, then both stop
+    assert not (encoded.artifacts / ".train.lock").exists()
