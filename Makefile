@@ -213,8 +213,13 @@ $(EVAL)/report.json: $(CODE_evaluate) $(PARAMS)/evaluate.json $(CKPT)/train_done
 	$(PY) stages/evaluate.py $(BASE_FLAGS) $(FLAGS_evaluate)
 
 export: $(EXPORT)/export.json ## 7. Hugging Face + ONNX copies of the model, proven equal -> artifacts/export/
-$(EXPORT)/export.json: $(CODE_export) $(PARAMS)/export.json $(CKPT)/train_done.json $(if $(TRAINS),$(TOK)/spm.model)
+$(EXPORT)/export.json: $(CODE_export) $(PARAMS)/export.json $(EXPORT)/files-checked.txt $(CKPT)/train_done.json \
+                       $(if $(TRAINS),$(TOK)/spm.model)
 	$(PY) stages/export.py $(BASE_FLAGS) $(FLAGS_export)
+# Rewritten only when an exported file is missing or differs from export.json's records (size, sha256):
+# then it is newer than export.json, and the export is rebuilt.
+$(EXPORT)/files-checked.txt: FORCE | $(VENV_DONE)
+	@$(PY) stages/export.py $(BASE_FLAGS) --check-files $@
 
 figures: $(CKPT)/train_done.json | $(VENV_DONE) ## draw the docs' figures (docs/images/*.png) from the current run
 	$(PY) stages/figures.py $(BASE_FLAGS)

@@ -185,15 +185,13 @@ def main(cfg):
     import torch
 
     from lib.batches import load_split, mean_loss, window_starts
-    from lib.checkpoints import checkpoint_path, load_model
+    from lib.checkpoints import existing_checkpoint, load_model
 
     log_config(cfg)
     paths = stage_paths(cfg)
     out = paths["eval"]
     tokenizer = read_json(paths["tokenizer"] / "tokenizer.json", "tokenizer sidecar", "run `make tokenizer`")
-    path = checkpoint_path(cfg)
-    if not path.exists():
-        raise PipelineError(f"no trained model at {path}", "train one first: `make train`", "interrupted-runs-and-resume")
+    path = existing_checkpoint(cfg, "evaluate")
     model, payload = load_model(path, tokenizer["model_sha256"])
     # The run the model comes from: its own folder (an archived run's, with CHECKPOINT=...) or the current run.
     run_dir = path.parent if (path.parent / "history.json").exists() else paths["checkpoints"]

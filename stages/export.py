@@ -14,8 +14,11 @@ Then, in a fresh process, the proofs of lib/export_proofs.py (token ids, logits,
 greedy generation); a proof that fails fails the stage. Then both runtimes are timed
 the same way, each in a fresh process (generate.py --latency-steps): benchmark.json.
 Everything is written under artifacts/export/.staging-PID/ and renamed into place only
-when complete and proven, so a failed or interrupted export never looks finished.
-export.json (the proofs' figures) is written last: it is what make waits for.
+when complete and proven, so a failed or interrupted export never looks finished; one
+export at a time (artifacts/export/.export.lock). export.json (the proofs' figures, and
+the size and sha256 of every exported file) is written last: it is what make waits for.
+Before make decides, `--check-files` compares the files with those records, so a damaged
+or missing file makes `make export` rebuild.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ import argparse
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from lib.config import check_positive, log_config, public, resolve_config, stage_parser, stage_paths
-from lib.errors import PipelineError, log, run_stage
-from lib.files import read_json, write_json_atomic, write_text_atomic
+from lib.errors import PipelineError, log, run_stage, set_interrupt_note
+from lib.files import (damaged_files, file_records, lock_folder, read_json, sha256_file, write_json_atomic,
+                       write_text_atomic)
 from lib.processes import run_script_json
 
 RUNTIME_KEYS = ("p50_ms", "p95_ms", "tokens_per_s", "rss_mb", "peak_rss_mb")
@@ -44,6 +49,8 @@ def build_parser():
     p.add_argument("--latency-steps", type=int, default=None)
     p.add_argument("--proof-prompts", type=str, nargs="+", default=None)
     p.add_argument("--prove", type=str, default="", help=argparse.SUPPRESS)  # internal: the proofs' fresh process
+    p.add_argument("--check-files", type=str, default="", metavar="STAMP",
+                   help="check the exported files against export.json; rewrite STAMP when damaged (used by make)")
     return p
 
 
@@ -57,12 +64,9 @@ def load_trained(cfg: dict, paths: dict):
     """The checkpoint as a model, its payload and the tokenizer; clear errors for what is missing or wrong."""
     import sentencepiece as spm
 
-    from lib.checkpoints import checkpoint_path, load_model
+    from lib.checkpoints import existing_checkpoint, load_model
 
-    path = checkpoint_path(cfg)
-    if not path.exists():
-        raise PipelineError(f"no trained model at {path}, so there is nothing to export",
-                            "train one first: `make train` (or `make all`), then `make export`", "interrupted-runs-and-resume")
+    path = existing_checkpoint(cfg, "export")
     tokenizer = read_json(paths["tokenizer"] / "tokenizer.json", "tokenizer sidecar", "run `make tokenizer`")
     model, payload = load_model(path, tokenizer["model_sha256"])
     sp = spm.SentencePieceProcessor(model_file=str(paths["tokenizer"] / "spm.model"))
@@ -150,15 +154,53 @@ def write_model_card(payload: dict, model, paths: dict, staging: Path, proofs: d
 
 
 def remove_stale_staging(export_dir: Path) -> None:
-    """Staging folders of exports that were killed (their process is gone) are only litter."""
+    """Staging folders of exports that were stopped: litter (the export lock says no export is running)."""
     for folder in export_dir.glob(".staging-*"):
-        pid = int(folder.name.rsplit("-", 1)[1])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:
-            pass
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_uninterrupted(folder: Path) -> None:
+    """rmtree that a second Ctrl+C cannot cut short (the signals wait until it is done)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def lock_export(export_dir: Path):
+    def busy(holder):
+        return PipelineError(f"another export (pid {holder}) is writing {export_dir}; this one did not touch it",
+                             "wait for it to finish (or stop it), then rerun `make export` if needed")
+    return lock_folder(export_dir / ".export.lock", busy)
+
+
+def export_records(export_dir: Path) -> dict:
+    return {name: file_records(export_dir / name) for name in ("hf", "onnx")}
+
+
+def check_files(cfg: dict, stamp: Path) -> None:
+    """--check-files STAMP (run by make before it decides): a damaged or missing export file rewrites
+    STAMP, which export.json depends on, so make rebuilds the export; an intact export leaves it alone."""
+    export_dir = stage_paths(cfg)["export"]
+    summary = export_dir / "export.json"
+    if not summary.exists():
+        if not stamp.exists():
+            write_text_atomic(stamp, "no export yet\n")
+        return
+    try:
+        records = json.loads(summary.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, OSError):
+        records = None  # an export.json of an older version, without file records
+    damaged = ["export.json has no file records"] if records is None else \
+        [f"{name}/{f}" for name in ("hf", "onnx") for f in damaged_files(export_dir / name, records.get(name, {}))]
+    if damaged:
+        print(f"export: damaged, rebuilding: {', '.join(damaged)}", flush=True)
+        write_text_atomic(stamp, "damaged: " + ", ".join(damaged) + "\n")
+    elif not stamp.exists():
+        write_text_atomic(stamp, "intact\n")
+        old = summary.stat().st_mtime - 1
+        os.utime(stamp, (old, old))  # older than export.json: an intact export is not rebuilt
 
 
 def move_into_place(staging: Path, export_dir: Path) -> None:
@@ -174,12 +216,22 @@ def move_into_place(staging: Path, export_dir: Path) -> None:
 def main(cfg):
     if cfg["prove"]:
         return prove(cfg)
+    if cfg["check_files"]:
+        return check_files(cfg, Path(cfg["check_files"]))
     log_config(cfg)
     paths = stage_paths(cfg)
     checkpoint, model, payload, sp = load_trained(cfg, paths)
     log(f"exporting {checkpoint} (epoch {payload.get('epoch')}, {model.num_parameters():,} parameters)")
     export_dir = paths["export"]
-    remove_stale_staging(export_dir)
+    lock = lock_export(export_dir)
+    try:
+        remove_stale_staging(export_dir)
+        export(cfg, paths, checkpoint, model, payload, sp, export_dir)
+    finally:
+        lock.close()
+
+
+def export(cfg, paths, checkpoint: Path, model, payload, sp, export_dir: Path) -> None:
     staging = export_dir / f".staging-{os.getpid()}"
     try:
         write_exports(model, sp, paths, staging)
@@ -187,17 +239,20 @@ def main(cfg):
         check_proofs(proofs)
         write_model_card(payload, model, paths, staging, proofs)
         bench = benchmark(cfg, checkpoint, staging / "onnx")
+        (export_dir / "export.json").unlink(missing_ok=True)  # from here on the old export is incomplete
         move_into_place(staging, export_dir)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_uninterrupted(staging)
     write_json_atomic(export_dir / "benchmark.json", bench)
-    summary = {"checkpoint": str(checkpoint), "epoch": payload.get("epoch"), "fingerprint": payload.get("fingerprint"),
-               "hf": str(export_dir / "hf"), "onnx": str(export_dir / "onnx"), "proofs": proofs, "benchmark": bench,
-               "config": public(cfg)}
+    summary = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint), "epoch": payload.get("epoch"),
+               "fingerprint": payload.get("fingerprint"), "hf": str(export_dir / "hf"), "onnx": str(export_dir / "onnx"),
+               "proofs": proofs, "benchmark": bench, "config": public(cfg), "files": export_records(export_dir)}
     write_json_atomic(export_dir / "export.json", summary)  # last: make's target for this stage
     log(f"exported to {export_dir / 'hf'} and {export_dir / 'onnx'}; figures in {export_dir / 'benchmark.json'}")
 
 
 if __name__ == "__main__":
     config = resolve_config(build_parser(), "export", validate=validate)
+    set_interrupt_note("the previous export stays in artifacts/export/ (if it was being replaced, its export.json "
+                       "is gone, so `make export` rebuilds it)")
     run_stage(main, config)

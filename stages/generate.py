@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lib.config import resolve_config, stage_parser, stage_paths
 from lib.errors import PipelineError, run_stage
-from lib.files import read_json
+from lib.files import damaged_files, read_json, sha256_file
 
 
 def build_parser():
@@ -62,13 +62,10 @@ def torch_runtime(cfg):
     import sentencepiece as spm
     import torch
 
-    from lib.checkpoints import checkpoint_path, load_model
+    from lib.checkpoints import existing_checkpoint, load_model
 
     paths = stage_paths(cfg)
-    path = checkpoint_path(cfg)
-    if not path.exists():
-        raise PipelineError(f"no trained model at {path}", "train one first: `make train` (or `make all`)",
-                            "interrupted-runs-and-resume")
+    path = existing_checkpoint(cfg, "generate from")
     tokenizer = read_json(paths["tokenizer"] / "tokenizer.json", "tokenizer sidecar", "run `make tokenizer`")
     model, _ = load_model(path, tokenizer["model_sha256"])
     sp = spm.SentencePieceProcessor(model_file=str(paths["tokenizer"] / "spm.model"))
@@ -90,6 +87,8 @@ def onnx_runtime(cfg):
     folder = Path(cfg["onnx_dir"]) if cfg["onnx_dir"] else stage_paths(cfg)["export"] / "onnx"
     if not (folder / "model.onnx").exists():
         raise PipelineError(f"no ONNX model at {folder / 'model.onnx'}", "export one first: `make export`")
+    if not cfg["onnx_dir"]:
+        check_export(cfg, folder)
     model = OnnxLanguageModel(folder, threads=1 if cfg["latency_steps"] else 0)
     sp = spm.SentencePieceProcessor(model_file=str(folder / "spm.model"))
 
@@ -97,6 +96,27 @@ def onnx_runtime(cfg):
         return model.generate(prompt_ids, max_new_tokens, temperature=cfg["temperature"], top_k=cfg["top_k"],
                               top_p=cfg["top_p"], seed=seed, eos_id=eos_id)
     return generate, sp, model.max_seq_length
+
+
+def check_export(cfg, folder: Path) -> None:
+    """The export in artifacts/export/ must be intact and of the model asked for (sizes and sha256 from export.json)."""
+    from lib.checkpoints import checkpoint_path  # no torch: only paths
+
+    summary = read_json(folder.parent / "export.json", "export summary", "rebuild the export: `make export`")
+    damaged = damaged_files(folder, summary.get("files", {}).get("onnx", {}))
+    if damaged:
+        raise PipelineError(f"the ONNX export in {folder} is damaged: {', '.join(damaged)}",
+                            "rebuild it: `make export` (it notices the damage and exports again)",
+                            "export-damaged-or-out-of-date")
+    wanted = checkpoint_path(cfg)  # the model asked for, compared by content: folders may have moved
+    same = wanted.exists() and sha256_file(wanted) == summary.get("checkpoint_sha256")
+    if "checkpoint" in cfg.get("_overridden", []) and not same:
+        raise PipelineError(f"the ONNX export is of {summary['checkpoint']}, not of CHECKPOINT={cfg['checkpoint']} ({wanted})",
+                            f"export that checkpoint first: `make export CHECKPOINT={cfg['checkpoint']}`, or use "
+                            f"RUNTIME=torch", "export-damaged-or-out-of-date")
+    if wanted.exists() and not same:
+        print(f"warning: the ONNX export was made from an earlier version of {wanted} (it has been trained since); "
+              f"`make export` brings the export up to date", file=sys.stderr, flush=True)
 
 
 def stream(generate, sp, prompt: str, cfg, out=sys.stdout) -> list[int]:

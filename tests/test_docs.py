@@ -55,7 +55,7 @@ def test_few_blocks_are_illustrative():
 
 SECTIONS = ["out-of-memory", "disk-full", "diverging-or-nan-loss", "interrupted-runs-and-resume",
             "empty-or-corrupted-corpus", "corpus-download-fails", "tokenizer-failures", "checkpoint-and-tokenizer-mismatch",
-            "scaling-out"]
+            "scaling-out", "read-only-folder-or-permission-denied", "export-damaged-or-out-of-date"]
 
 
 def test_errors_point_to_existing_troubleshooting_sections():

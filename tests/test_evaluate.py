@@ -144,7 +144,7 @@ def test_malicious_checkpoint_is_not_executed(trained, tmp_path):
     evil.write_bytes(pickle.dumps({"model": Exploit()}))
     result = trained.run("generate.py", "--checkpoint", evil, check=False)
     assert result.returncode == 1
-    assert "not a valid checkpoint" in result.stderr and "it was not executed" in result.stderr
+    assert "not a checkpoint of this pipeline" in result.stderr and "it was not executed" in result.stderr
     assert not marker.exists()
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import REPO, TINY_TOKENIZER, Workspace
+from conftest import PYTHON, REPO, TINY_TOKENIZER, Workspace
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +150,61 @@ def test_both_architectures_export_with_passing_proofs(encoded):
         out = encoded.artifacts / "export"
         assert json.loads((out / "hf" / "config.json").read_text())["architectures"] == [architecture]
         assert json.loads((out / "export.json").read_text())["proofs"]["passed"]
+
+
+# ----------------------------------------------------------------------------- real faults
+
+
+def copy_of(ws: Workspace, root) -> Workspace:
+    shutil.copytree(ws.data, root / "data", symlinks=True)
+    shutil.copytree(ws.artifacts, root / "artifacts", symlinks=True)
+    return Workspace(root)
+
+
+def test_a_damaged_export_is_refused_by_generate_and_rebuilt(exported, tmp_path):
+    ws = copy_of(exported, tmp_path)
+    export_dir, stamp = ws.artifacts / "export", ws.artifacts / "export" / "files-checked.txt"
+    ws.run("export.py", "--check-files", stamp)
+    assert stamp.stat().st_mtime < (export_dir / "export.json").stat().st_mtime, "an intact export is not rebuilt"
+    onnx = export_dir / "onnx" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])  # truncated, as by a full disk or a bad copy
+    refused = ws.run("generate.py", "--runtime", "onnx", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "is damaged: model.onnx" in refused.stderr and "make export" in refused.stderr
+    checked = ws.run("export.py", "--check-files", stamp)
+    assert "damaged, rebuilding: onnx/model.onnx" in checked.stdout
+    assert stamp.stat().st_mtime >= (export_dir / "export.json").stat().st_mtime, "make now rebuilds export.json"
+
+
+def test_onnx_generation_names_an_export_of_another_model(exported, tmp_path):
+    ws = copy_of(exported, tmp_path)
+    ckpt = ws.artifacts / "checkpoints"
+    other = ws.run("generate.py", "--runtime", "onnx", "--checkpoint", "final_model.pt", check=False)
+    assert other.returncode == 1 and "the ONNX export is of" in other.stderr
+    assert "make export CHECKPOINT=final_model.pt" in other.stderr
+    shutil.copy(ckpt / "epoch_001.pt", ckpt / "best_model.pt")  # best_model.pt changed since the export
+    stale = ws.run("generate.py", "--runtime", "onnx", "--max-tokens", "5")
+    assert "made from an earlier version of" in stale.stderr and "make export" in stale.stderr
+
+
+def test_two_exports_at_once_and_a_double_ctrl_c_leave_one_clean_export(exported, tmp_path):
+    ws = copy_of(exported, tmp_path)
+    export_dir = ws.artifacts / "export"
+    before = json.loads((export_dir / "export.json").read_text())["files"]
+    cmd = [PYTHON, str(REPO / "stages" / "export.py"), "--data-dir", str(ws.data), "--artifacts-dir", str(ws.artifacts),
+           "--latency-steps", "60"]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    deadline = time.time() + 120
+    while not list(export_dir.glob(".staging-*/onnx")) and time.time() < deadline:
+        time.sleep(0.05)
+    second = ws.run("export.py", check=False)
+    assert second.returncode == 1 and "another export" in second.stderr and str(first.pid) in second.stderr
+    os.killpg(first.pid, signal.SIGINT)
+    time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGINT)  # impatient: Ctrl+C twice
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130 and "Traceback" not in err and "download" not in err, err
+    assert not list(export_dir.glob(".staging-*")), "no staging folder is left behind"
+    assert not (export_dir / ".export.lock").exists()
+    assert json.loads((export_dir / "export.json").read_text())["files"] == before, "the previous export is intact"

@@ -145,10 +145,11 @@ def test_garbage_checkpoint_is_named_in_the_error(trained, tmp_path):
     # Random bytes make the unpickler fail in many ways (IndexError, KeyError, ...): every one is a clear error.
     for seed in range(200):
         garbage.write_bytes(random.Random(seed).randbytes(512))
-        with pytest.raises(PipelineError, match="not a valid checkpoint"):
+        with pytest.raises(PipelineError, match="not a checkpoint of this pipeline"):
             load_checkpoint(garbage)
     result = trained.run("generate.py", "--checkpoint", garbage, check=False)
-    assert_clean_failure(result, str(garbage), "not a valid checkpoint")
+    assert_clean_failure(result, str(garbage), "not a checkpoint of this pipeline", "CHECKPOINT=best_model.pt")
+    assert "delete" not in result.stderr, "never advise deleting a file the pipeline did not write"
 
 
 def test_truncated_token_file_is_refused(encoded):

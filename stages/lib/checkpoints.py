@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,15 +53,22 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"checkpoint {path} does not exist", "train a model first: `make train`", "interrupted-runs-and-resume")
+    if not path.is_file():
+        raise PipelineError(f"{path} is not a checkpoint (not a file)", "point CHECKPOINT at a .pt file written by "
+                            "stages/train.py", "checkpoint-and-tokenizer-mismatch")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling garbage fails in many ways (IndexError, KeyError, ...)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if written_by_training(path):
+            raise PipelineError(
+                f"{path} is not a valid checkpoint (truncated or corrupted; it was not executed): {first_line[:200]}",
+                "delete it; training falls back to an older checkpoint, or retrain with `make train`",
+                "checkpoint-and-tokenizer-mismatch") from None
         raise PipelineError(
-            f"{path} is not a valid checkpoint (truncated, corrupted, or not made by this pipeline; "
-            f"it was not executed): {first_line[:200]}",
-            "delete it; training falls back to an older checkpoint, or retrain with `make train`",
-            "checkpoint-and-tokenizer-mismatch") from None
+            f"{path} is not a checkpoint of this pipeline (it could not be read as one; it was not executed): "
+            f"{first_line[:200]}", "point CHECKPOINT at a .pt file written by stages/train.py, e.g. "
+            "CHECKPOINT=best_model.pt", "checkpoint-and-tokenizer-mismatch") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise PipelineError(f"{path} is not a checkpoint of this pipeline (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})",
                             "point to a file written by stages/train.py", "checkpoint-and-tokenizer-mismatch")
@@ -71,6 +79,27 @@ def checkpoint_path(cfg) -> Path:
     """--checkpoint / CHECKPOINT: a file name in artifacts/checkpoints/, or any path."""
     given = Path(cfg["checkpoint"])
     return given if given.is_absolute() or given.parent != Path(".") else stage_paths(cfg)["checkpoints"] / given
+
+
+def existing_checkpoint(cfg, purpose: str) -> Path:
+    """checkpoint_path(cfg), which must exist; if not, the error names the checkpoints that do."""
+    path = checkpoint_path(cfg)
+    if path.exists():
+        return path
+    folder = stage_paths(cfg)["checkpoints"]
+    present = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
+    if present:
+        raise PipelineError(f"no checkpoint {path}, so there is nothing to {purpose}; {folder} holds: {', '.join(present)}",
+                            f"pick one of those, e.g. CHECKPOINT={present[0]}", "interrupted-runs-and-resume")
+    raise PipelineError(f"no checkpoint {path}, so there is nothing to {purpose}: {folder} holds no trained model yet",
+                        "train one first: `make train` (or `make all`); an interrupted run resumes where it stopped",
+                        "interrupted-runs-and-resume")
+
+
+def written_by_training(path: Path) -> bool:
+    """A file name train.py writes, in a run folder: only such a file may be deleted on our advice."""
+    return bool(re.fullmatch(r"last\.pt|best_model\.pt|final_model\.pt|epoch_\d+\.pt", path.name)) and (
+        (path.parent / "run.json").exists() or path.parent.name == "checkpoints")
 
 
 def load_model(path: Path, tokenizer_sha256: str | None = None):

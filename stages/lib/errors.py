@@ -93,6 +93,8 @@ def run_stage(main, cfg: dict, report_time: bool = True) -> None:
         print(str(exc), file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, Terminated) as exc:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not cut the message and exit code short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         print(f"\n{what}: stage '{_STAGE}' stopped before finishing; {_INTERRUPT_NOTE}. Rerun the same command.",
               file=sys.stderr, flush=True)
@@ -125,5 +127,5 @@ def explain_os_error(exc: OSError) -> PipelineError | None:
             f"cannot write {where or 'a file'}: {why}; stage '{_STAGE}' stopped without changing its outputs",
             f"make {where.parent if where else 'the folder'} writable (or point DATA_DIR / ARTIFACTS_DIR at a writable "
             f"folder, e.g. `make evaluate ARTIFACTS_DIR=/tmp/artifacts` after copying artifacts/ there) and rerun",
-            "read-only-or-permission-denied")
+            "read-only-folder-or-permission-denied")
     return None

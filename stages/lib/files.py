@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -116,3 +117,65 @@ def read_json(path: Path, what: str, fix: str) -> dict:
         raise PipelineError(f"{what} {path} is missing", fix) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{what} {path} is not valid JSON ({exc})", fix) from None
+
+
+# ----------------------------------------------------------------------------- locks and file records
+
+
+class FolderLock:
+    """An exclusive flock on a lock file, held while a process works in a folder; the file goes with it."""
+
+    def __init__(self, path: Path, handle):
+        self.path, self.handle = path, handle
+
+    def close(self) -> None:
+        if self.handle.closed:
+            return
+        self.path.unlink(missing_ok=True)  # while still locked: nobody else can be holding this file
+        self.handle.close()
+
+
+def lock_folder(path: Path, busy) -> FolderLock:
+    """Lock `path` (created if needed) or raise busy(pid of the holder), a PipelineError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise busy(holder) from None
+        try:
+            same_file = os.fstat(handle.fileno()).st_ino == path.stat().st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:  # else the previous holder removed it between our open and our lock: try again
+            break
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return FolderLock(path, handle)
+
+
+def file_records(folder: Path) -> dict:
+    """{relative path: {"bytes", "sha256"}} of every file under `folder`: what a later check compares against."""
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def damaged_files(folder: Path, records: dict) -> list[str]:
+    """The recorded files under `folder` that are missing, or whose size or sha256 differ (size first: cheap)."""
+    damaged = []
+    for name, want in sorted(records.items()):
+        path = folder / name
+        if not path.is_file():
+            damaged.append(f"{name} (missing)")
+        elif path.stat().st_size != want["bytes"]:
+            damaged.append(f"{name} ({path.stat().st_size:,} bytes, {want['bytes']:,} when exported)")
+        elif sha256_file(path) != want["sha256"]:
+            damaged.append(f"{name} (content changed since the export)")
+    return damaged

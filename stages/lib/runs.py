@@ -8,7 +8,6 @@ artifacts/checkpoints-archive/STAMP/ before a new one starts: nothing is deleted
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ from lib.code_files import code_files
 from lib.config import DEFAULT_CONFIG, LAUNCH_KEYS, REPO_ROOT, public
 from lib.distributed import LAUNCH_SETTINGS_ENV
 from lib.errors import PipelineError, log
+from lib.files import FolderLock, lock_folder
 
 # Keys that do not change what is learned: a run that differs only in these is the same run.
 # The number of processes is one of them: a step over a global batch is the same step however many
@@ -66,46 +66,14 @@ def describe_difference(old: dict, new: dict) -> str:
     return ", ".join(diffs) or "unknown"
 
 
-class RunLock:
-    """artifacts/.train.lock, held (flock) while a training process uses the folder; the file goes with it."""
-
-    def __init__(self, path: Path, handle):
-        self.path, self.handle = path, handle
-
-    def close(self) -> None:
-        if self.handle.closed:
-            return
-        self.path.unlink(missing_ok=True)  # while still locked: nobody else can be holding this file
-        self.handle.close()
-
-
-def acquire_lock(artifacts: Path) -> RunLock:
-    artifacts.mkdir(parents=True, exist_ok=True)
-    path = artifacts / ".train.lock"
-    while True:
-        handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise PipelineError(
-                f"another training run (pid {holder}) is already using {artifacts}; this one did not touch it",
-                "wait for it to finish, or stop it (Ctrl+C resumes later); to train in parallel use another ARTIFACTS_DIR",
-                "interrupted-runs-and-resume") from None
-        try:
-            same_file = os.fstat(handle.fileno()).st_ino == path.stat().st_ino
-        except FileNotFoundError:
-            same_file = False
-        if same_file:  # else the previous holder removed it between our open and our lock: try again
-            break
-        handle.close()
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return RunLock(path, handle)
+def acquire_lock(artifacts: Path) -> FolderLock:
+    """artifacts/.train.lock, held while a training process uses the folder."""
+    def busy(holder):
+        return PipelineError(
+            f"another training run (pid {holder}) is already using {artifacts}; this one did not touch it",
+            "wait for it to finish, or stop it (Ctrl+C resumes later); to train in parallel use another ARTIFACTS_DIR",
+            "interrupted-runs-and-resume")
+    return lock_folder(artifacts / ".train.lock", busy)
 
 
 def archive_run(paths, reason: str) -> None:
@@ -174,52 +142,53 @@ def choose_start(cfg, paths, identity: dict):
             return "fresh", None
         log(f"resuming {path} from epoch {ckpt['epoch'] + 1}, batch {ckpt['position']} (step {ckpt['step']})")
         return "resume", ckpt
-    if cfg["resume"] == "yes":
+    found = archived_run(paths["archive"], fp) if cfg["resume"] != "no" else None
+    if cfg["resume"] == "yes" and found is None:
         why = f"the existing run differs: {describe_difference(old['identity'], identity)}" if old else f"{run_dir} holds no run"
-        raise PipelineError(f"RESUME=yes but there is nothing to resume: {why}",
+        raise PipelineError(f"RESUME=yes but there is nothing to resume: {why}, and no archived run has these settings",
                             "drop RESUME=yes to start a new run (the old one is moved aside, not deleted)",
                             "interrupted-runs-and-resume")
     if old:
         archive_run(paths, f"new settings: {describe_difference(old.get('identity', {}), identity)}")
-    if cfg["resume"] == "auto" and restore_finished_run(paths, fp):
+    if found is None:
+        return "fresh", None
+    bring_back(paths, found)
+    if (run_dir / "train_done.json").exists():
+        done = json.loads((run_dir / "train_done.json").read_text())
+        log(f"restored the finished run {found} to {run_dir}: same settings, data, tokenizer and code, so it is not "
+            f"trained again (val {done['final_val_loss']:.3f}, best {done['best_val_loss']:.3f}); "
+            f"RESUME=no / --restart trains afresh")
         return "restored", None
-    return "fresh", None
+    path, ckpt = newest_good_checkpoint(run_dir)
+    if ckpt is None:
+        archive_run(paths, "the interrupted run brought back from the archive has no readable checkpoint")
+        return "fresh", None
+    log(f"the interrupted run {found} has these settings: moved back to {run_dir}, resuming {path.name} from epoch "
+        f"{ckpt['epoch'] + 1}, batch {ckpt['position']} (step {ckpt['step']})")
+    return "resume", ckpt
 
 
-def finished_run_in_archive(archive: Path, fp: str) -> Path | None:
-    """The newest archived run with this fingerprint that finished (its train_done.json exists)."""
+def archived_run(archive: Path, fp: str) -> Path | None:
+    """The archived run with this fingerprint to continue: the newest finished one, else the newest interrupted one."""
+    matches = []
     for folder in sorted(archive.glob("*"), reverse=True):
         try:
             run = json.loads((folder / "run.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if run.get("fingerprint") == fp and (folder / "train_done.json").exists():
-            return folder
-    return None
+        if run.get("fingerprint") == fp:
+            matches.append(folder)
+    finished = [folder for folder in matches if (folder / "train_done.json").exists()]
+    return (finished or matches or [None])[0]
 
 
-def restore_finished_run(paths, fp: str) -> bool:
-    """Move a finished archived run with identical settings, data, tokenizer and code back in place."""
+def bring_back(paths, found: Path) -> None:
+    """Move an archived run into artifacts/checkpoints/ (the current run, if any, was archived before)."""
     run_dir = paths["checkpoints"]
-    found = finished_run_in_archive(paths["archive"], fp)
-    if found is None:
-        return False
-    archive_run(paths, "a finished run with the requested settings takes its place")
+    archive_run(paths, "an archived run with the requested settings takes its place")  # leftovers without run.json
     if run_dir.exists():
         run_dir.rmdir()  # left empty by archive_run
     shutil.move(str(found), str(run_dir))
-    done = json.loads((run_dir / "train_done.json").read_text())
-    log(f"restored the finished run {found} to {run_dir}: same settings, data, tokenizer and code, so it is not "
-        f"trained again (val {done['final_val_loss']:.3f}, best {done['best_val_loss']:.3f}); "
-        f"RESUME=no / --restart trains afresh")
-    return True
-
-
-def make_variables() -> dict[str, str]:
-    """{config key: Make variable} as the Makefile passes them on (`$(call flag,--learning-rate,LR)`)."""
-    text = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
-    pairs = {flag.replace("-", "_"): var for flag, var in re.findall(r"\$\(call flag,--([a-z0-9-]+),([A-Z_0-9]+)\)", text)}
-    return {**pairs, "compile": "COMPILE", "data_dir": "DATA_DIR", "artifacts_dir": "ARTIFACTS_DIR"}
 
 
 def make_command_line_variables() -> dict[str, str]:
