@@ -7,6 +7,7 @@ nothing is installed or downloaded here.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -192,3 +193,15 @@ def test_without_a_trained_model_evaluate_generate_and_runs_say_how_to_train(pro
     assert generated.returncode != 0 and "no trained model" in generated.stderr and "make train" in generated.stderr
     listed = make(proj, "runs", *tiny)
     assert "no runs yet" in listed.stdout and "make train" in listed.stdout
+
+
+def test_a_second_artifacts_dir_reruns_no_data_stage_and_no_training(project):
+    proj, tiny, _ = project
+    make(proj, "all", *tiny)
+    shutil.copytree(proj / "artifacts" / "tokenizer", proj / "artifacts-b" / "tokenizer")
+    second = make(proj, "train", *tiny, "ARTIFACTS_DIR=artifacts-b")
+    assert "download.py" not in ran(second.stdout) and "prepare.py" not in ran(second.stdout), second.stdout
+    assert (proj / "artifacts-b" / "tokenizer" / "spm.model").read_bytes() == \
+        (proj / "artifacts" / "tokenizer" / "spm.model").read_bytes(), "the same tokenizer, byte for byte, in any folder"
+    back = make(proj, "train", *tiny)
+    assert "| train " not in back.stdout and "already finished" in back.stdout, back.stdout  # no epoch line

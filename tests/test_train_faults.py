@@ -88,3 +88,23 @@ def test_ctrl_c_of_two_processes_ends_like_one_and_names_the_settings(encoded, t
     last = torch.load(encoded.artifacts / "checkpoints" / "last.pt", weights_only=True)
     assert last["world_size"] == 2 and last["step"] == 6  # the paused step finishes, then both stop
     assert not (encoded.artifacts / ".train.lock").exists()
+
+
+def test_an_interrupted_run_moved_to_the_archive_resumes_when_its_settings_return(encoded, corpus_file, tmp_path):
+    mine = [*TINY_TRAIN, "--epochs", "3", "--learning-rate", "0.002"]
+    straight = Workspace(tmp_path / "straight").prepare_data(corpus_file)
+    straight.run("train.py", *mine)
+    marker = tmp_path / "paused"
+    proc = start_train(encoded, *mine, env={"FAULT_AT_STEP": f"{steps_per_epoch(encoded) + 3}:pause={marker}"})
+    wait_for(marker)
+    os.killpg(proc.pid, signal.SIGINT)
+    marker.unlink()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    other = encoded.run("train.py", *TINY_TRAIN, "--epochs", "1")  # other settings: the interrupted run is archived
+    assert "previous run moved aside" in other.stdout
+    listed = encoded.run("list_runs.py")
+    assert "1/3 (interrupted" in listed.stdout
+    back = encoded.run("train.py", *mine)
+    assert "the interrupted run" in back.stdout and "resuming last.pt from epoch 2" in back.stdout
+    assert losses(encoded) == losses(straight), "resumed exactly, not trained from epoch 1"

@@ -191,6 +191,13 @@ def bring_back(paths, found: Path) -> None:
     shutil.move(str(found), str(run_dir))
 
 
+def make_variables() -> dict[str, str]:
+    """{config key: Make variable} as the Makefile passes them on (`$(call flag,--learning-rate,LR)`)."""
+    text = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    pairs = {flag.replace("-", "_"): var for flag, var in re.findall(r"\$\(call flag,--([a-z0-9-]+),([A-Z_0-9]+)\)", text)}
+    return {**pairs, "compile": "COMPILE", "data_dir": "DATA_DIR", "artifacts_dir": "ARTIFACTS_DIR"}
+
+
 def make_command_line_variables() -> dict[str, str]:
     """NAME=value pairs given on make's command line, from MAKEFLAGS (` -- LR=0.001 PROMPT=a\\ b`); no RESUME."""
     flags = os.environ.get("MAKEFLAGS", "")

@@ -1,0 +1,31 @@
+"""Real faults around the finished model: a read-only artifacts folder (a read-only bind mount),
+a CHECKPOINT that is a system file or does not exist."""
+
+from __future__ import annotations
+
+import shutil
+
+from conftest import Workspace
+from faults_helpers import read_only
+
+
+def test_evaluate_into_a_read_only_artifacts_folder_says_so(trained, tmp_path):
+    ws = Workspace(tmp_path)
+    shutil.copytree(trained.data, ws.data)
+    shutil.copytree(trained.artifacts, ws.artifacts)
+    shutil.rmtree(ws.artifacts / "eval", ignore_errors=True)
+    with read_only(ws.artifacts):
+        result = ws.run("evaluate.py", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot write" in result.stderr and "read-only" in result.stderr and "ARTIFACTS_DIR" in result.stderr
+    assert not (ws.artifacts / "eval" / "report.json").exists()
+
+
+def test_a_checkpoint_that_is_a_system_file_or_missing_is_named(trained):
+    foreign = trained.run("generate.py", "--checkpoint", "/etc/passwd", check=False)
+    assert foreign.returncode == 1 and "Traceback" not in foreign.stderr
+    assert "/etc/passwd is not a checkpoint of this pipeline" in foreign.stderr
+    assert "delete" not in foreign.stderr, "never tell a user to delete a file the pipeline did not write"
+    missing = trained.run("evaluate.py", "--checkpoint", "epoch_009.pt", check=False)
+    assert missing.returncode == 1 and "no checkpoint" in missing.stderr
+    assert "best_model.pt" in missing.stderr and "epoch_001.pt" in missing.stderr, "names the checkpoints that exist"
