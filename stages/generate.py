@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from lib.config import resolve_config, stage_parser, stage_paths
+from lib.config import checkpoint_path, resolve_config, stage_parser, stage_paths
 from lib.errors import PipelineError, run_stage
 from lib.files import damaged_files, read_json, sha256_file
 
@@ -100,8 +100,6 @@ def onnx_runtime(cfg):
 
 def check_export(cfg, folder: Path) -> None:
     """The export in artifacts/export/ must be intact and of the model asked for (sizes and sha256 from export.json)."""
-    from lib.checkpoints import checkpoint_path  # no torch: only paths
-
     summary = read_json(folder.parent / "export.json", "export summary", "rebuild the export: `make export`")
     damaged = damaged_files(folder, summary.get("files", {}).get("onnx", {}))
     if damaged:

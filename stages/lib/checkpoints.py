@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.config import stage_paths
+from lib.config import checkpoint_path, stage_paths
 from lib.errors import PipelineError
 from lib.files import write_bytes_atomic
 
@@ -73,12 +73,6 @@ def load_checkpoint(path: Path) -> dict:
         raise PipelineError(f"{path} is not a checkpoint of this pipeline (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})",
                             "point to a file written by stages/train.py", "checkpoint-and-tokenizer-mismatch")
     return payload
-
-
-def checkpoint_path(cfg) -> Path:
-    """--checkpoint / CHECKPOINT: a file name in artifacts/checkpoints/, or any path."""
-    given = Path(cfg["checkpoint"])
-    return given if given.is_absolute() or given.parent != Path(".") else stage_paths(cfg)["checkpoints"] / given
 
 
 def existing_checkpoint(cfg, purpose: str) -> Path:

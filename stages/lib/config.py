@@ -226,3 +226,9 @@ def stage_paths(cfg: dict) -> dict[str, Path]:
         "bench": art / "bench",
         "export": art / "export",
     }
+
+
+def checkpoint_path(cfg: dict) -> Path:
+    """--checkpoint / CHECKPOINT: a file name in artifacts/checkpoints/, or any path."""
+    given = Path(cfg["checkpoint"])
+    return given if given.is_absolute() or given.parent != Path(".") else stage_paths(cfg)["checkpoints"] / given
