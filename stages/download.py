@@ -240,8 +240,9 @@ def reusable_partial(url: str, partial: Path, sidecar: Path) -> dict:
 def too_large(url: str, cfg, announced: int | None = None, streamed: int | None = None) -> PipelineError:
     what = f"the server announces {human_bytes(announced)}" if announced else f"stopped after {human_bytes(streamed)}"
     return PipelineError(
-        f"{url} is larger than the download limit of {cfg['max_download_mb']:g} MB ({what}); nothing is kept", f"raise the limit if the file is meant to be that large: MAX_DOWNLOAD_MB=N "
-        "(or --max-download-mb N), or check CORPUS_URL", "corpus-download-fails")
+        f"{url} is larger than the download limit of {cfg['max_download_mb']:g} MB ({what}); nothing is kept",
+        "raise the limit if the file is meant to be that large: MAX_DOWNLOAD_MB=N (or --max-download-mb N), "
+        "or check CORPUS_URL", "corpus-download-fails")
 
 
 def no_room(folder: Path, needed: int | None, partial: Path) -> PipelineError:
@@ -270,6 +271,47 @@ class ProgressLog:
             self.next = (got // self.step + 1) * self.step
 
 
+def stream_into(resp, partial: Path, sidecar: Path, server: dict, cfg, have: int, total: int | None) -> None:
+    """Write the response body after the `have` bytes already in `partial`, bound to `server` (its URL
+    and version) by the sidecar. Refuse an announced size over the limit or the free space at once;
+    stop at the limit (nothing kept) or when the disk runs out of room (what arrived is kept)."""
+    from tqdm import tqdm
+
+    url, limit = server["url"], int(cfg["max_download_mb"] * 1e6)
+    if total is not None and total > limit:
+        discard_partial(partial, sidecar)
+        raise too_large(url, cfg, announced=total)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    if total is not None and shutil.disk_usage(partial.parent).free < total - have:
+        raise no_room(partial.parent, total - have, partial)
+    write_json_atomic(sidecar, server)
+    progress, got, checked = ProgressLog(total, have), have, have
+    try:
+        with open(partial, "ab" if have else "wb") as out, tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc="download", disable=None,
+                file=sys.stdout) as bar:
+            for block in resp.iter_content(chunk_size=1 << 13):  # small: a dropped connection loses little
+                got += len(block)
+                if got > limit:
+                    out.close()
+                    discard_partial(partial, sidecar)
+                    raise too_large(url, cfg, streamed=got)
+                if got - checked >= 4 << 20:  # the disk may fill from elsewhere too
+                    checked = got
+                    if shutil.disk_usage(partial.parent).free < (total - got if total else 1 << 20):
+                        out.flush()
+                        raise no_room(partial.parent, total - got if total else None, partial)
+                out.write(block)
+                bar.update(len(block))
+                progress.update(got)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise no_room(partial.parent, total - partial.stat().st_size if total else None, partial) from None
+
+
 def download_url(cfg, dest: Path) -> None:
     """Stream `corpus_url` into `dest`; resume a partial file of the same URL with an HTTP Range request.
 
@@ -277,10 +319,8 @@ def download_url(cfg, dest: Path) -> None:
     when the server gives Content-Length and every few MB while streaming.
     """
     import requests
-    from tqdm import tqdm
 
     url, expected = cfg["corpus_url"], cfg["corpus_sha256"].lower()
-    limit = int(cfg["max_download_mb"] * 1e6)
     partial, sidecar = partial_download(dest)
     attempts = cfg["retries"] + 1
     for attempt in range(1, attempts + 1):
@@ -310,38 +350,7 @@ def download_url(cfg, dest: Path) -> None:
                     have = 0
                 length = resp.headers.get("Content-Length")
                 total = have + int(length) if length is not None else None
-                if total is not None and total > limit:
-                    discard_partial(partial, sidecar)
-                    raise too_large(url, cfg, announced=total)
-                partial.parent.mkdir(parents=True, exist_ok=True)
-                if total is not None and shutil.disk_usage(partial.parent).free < total - have:
-                    raise no_room(partial.parent, total - have, partial)
-                write_json_atomic(sidecar, server)
-                progress, got, checked = ProgressLog(total, have), have, have
-                try:
-                    with open(partial, "ab" if resumed else "wb") as out, tqdm(
-                            total=total, initial=have, unit="B", unit_scale=True, desc="download",
-                            disable=None, file=sys.stdout) as bar:
-                        for block in resp.iter_content(chunk_size=1 << 13):  # small: a dropped connection loses little
-                            got += len(block)
-                            if got > limit:
-                                out.close()
-                                discard_partial(partial, sidecar)
-                                raise too_large(url, cfg, streamed=got)
-                            if got - checked >= 4 << 20:  # the disk may fill from elsewhere too
-                                checked = got
-                                if shutil.disk_usage(partial.parent).free < (total - got if total else 1 << 20):
-                                    out.flush()
-                                    raise no_room(partial.parent, total - got if total else None, partial)
-                            out.write(block)
-                            bar.update(len(block))
-                            progress.update(got)
-                        out.flush()
-                        os.fsync(out.fileno())
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    raise no_room(partial.parent, total - partial.stat().st_size if total else None, partial) from None
+                stream_into(resp, partial, sidecar, server, cfg, have, total)
                 got = partial.stat().st_size
                 if total is not None and got < total:
                     raise requests.exceptions.ChunkedEncodingError(f"connection closed at {got} of {total} bytes")

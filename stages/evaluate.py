@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from lib.config import log_config, resolve_config, stage_parser, stage_paths
-from lib.errors import PipelineError, log, run_stage
+from lib.errors import log, run_stage
 from lib.files import atomic_path, read_json, write_json_atomic, write_text_atomic
 from lib.language import corpus_prompts, identify_language, words
 from lib.processes import run_script_json

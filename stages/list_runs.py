@@ -37,7 +37,8 @@ def table(runs: list[dict]) -> str:
     lines = ["| run | when | settings (besides the defaults) | epochs | best val | final val | final bpb | max gap | wall s | folder |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(runs, 1):
-        epochs = f"{r['epochs']}" if r["finished"] else f"{r['epochs']}/{r['epochs_planned']} (interrupted: train with its settings to resume)"
+        epochs = (f"{r['epochs']}" if r["finished"] else
+                  f"{r['epochs']}/{r['epochs_planned']} (interrupted: train with its settings to resume)")
         lines.append(f"| {i}{' (current)' if r['current'] else ''} | {r['when']} | {settings_text(r['settings'])} | {epochs} | "
                      f"{r['best_val_loss']:.3f} | {r['final_val_loss']:.3f} | {r['final_val_bpb']:.3f} | "
                      f"{r['max_gap']:+.3f} | {r['wall_s']:.0f} | {r['folder']} |")

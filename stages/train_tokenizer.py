@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lib.config import log_config, resolve_config, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage
-from lib.files import atomic_path, sha256_file, write_json_atomic
+from lib.files import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
 
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
 
@@ -128,8 +128,7 @@ def main(cfg):
         if failures:
             raise PipelineError(f"tokenizer round-trip failed on {failures} of {len(checks)} lines; nothing was written",
                                 "check --byte-fallback and --character-coverage", "tokenizer-failures")
-        with atomic_path(out / "spm.model") as dest:
-            dest.write_bytes(without_paths(Path(f"{prefix}.model").read_bytes()))
+        write_bytes_atomic(out / "spm.model", without_paths(Path(f"{prefix}.model").read_bytes()))
         with atomic_path(out / "spm.vocab") as dest:
             shutil.copyfile(f"{prefix}.vocab", dest)
 

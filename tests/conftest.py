@@ -55,6 +55,24 @@ def corpus_file(tmp_path) -> Path:
     return path
 
 
+def assert_clean_failure(result, *needles, code=1):
+    """The stage failed with `code`, said each needle on stderr, and printed no traceback."""
+    assert result.returncode == code, result.stdout + result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def losses(ws) -> list[tuple]:
+    """Per epoch: the training loss, the eval-mode training loss, the validation loss."""
+    return [(e["train_loss"], e["train_loss_eval"], e["val_loss"]) for e in ws.history()["epochs"]]
+
+
+def steps_per_epoch(ws, seq_len=32, batch=16) -> int:
+    tokens = json.loads((ws.data / "encoded" / "train.json").read_text())["tokens"]
+    return -(-((tokens - 1) // seq_len) // batch)
+
+
 def run_stage(script: str, *args, data: Path, artifacts: Path, env: dict | None = None, check: bool = True,
               timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
     cmd = [PYTHON, str(REPO / "stages" / script), "--data-dir", str(data), "--artifacts-dir", str(artifacts), *map(str, args)]

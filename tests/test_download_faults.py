@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from conftest import assert_clean_failure
 from faults_helpers import resize, small_disk
 
 FAST_RETRY = {"DOWNLOAD_BACKOFF_S": "0.05"}
@@ -93,13 +94,6 @@ def fault_server():
     srv.server_close()
 
 
-def assert_clean(result, *needles, code=1):
-    assert result.returncode == code, result.stdout + result.stderr
-    for needle in needles:
-        assert needle in result.stderr, (needle, result.stderr)
-    assert "Traceback" not in result.stderr
-
-
 def raw_files(ws):
     return sorted(p.name for p in (ws.data / "raw").iterdir()) if (ws.data / "raw").exists() else []
 
@@ -108,7 +102,7 @@ def test_endless_download_stops_at_the_size_limit_and_logs_progress(workspace, f
     started = time.time()
     result = workspace.run("download.py", "--corpus-url", fault_server.url("/endless"), "--max-download-mb", "30",
                            check=False, timeout=120)
-    assert_clean(result, "larger than the download limit of 30 MB", "MAX_DOWNLOAD_MB")
+    assert_clean_failure(result, "larger than the download limit of 30 MB", "MAX_DOWNLOAD_MB")
     assert time.time() - started < 60
     assert "downloaded 10.0" in result.stdout and "downloaded 20.0" in result.stdout  # a log shows progress
     assert raw_files(workspace) == [], "nothing of the endless stream is kept"
@@ -118,10 +112,10 @@ def test_huge_content_length_is_refused_before_streaming(workspace, fault_server
     url = fault_server.url("/huge")
     started = time.time()
     over_limit = workspace.run("download.py", "--corpus-url", url, check=False)
-    assert_clean(over_limit, "larger than the download limit of 1024 MB", "announces 50.00 GB", "MAX_DOWNLOAD_MB")
+    assert_clean_failure(over_limit, "larger than the download limit of 1024 MB", "announces 50.00 GB", "MAX_DOWNLOAD_MB")
     with small_disk(workspace.data, "20m"):
         no_room = workspace.run("download.py", "--corpus-url", url, "--max-download-mb", "100000", check=False)
-        assert_clean(no_room, "not enough disk space in", "MB free", "50.00 GB more are needed")
+        assert_clean_failure(no_room, "not enough disk space in", "MB free", "50.00 GB more are needed")
         assert not (workspace.data / "raw" / "corpus.txt.part").exists()
     assert time.time() - started < 20, "refused at once, not after streaming"
 
@@ -132,7 +126,7 @@ def test_disk_full_mid_download_is_explained_and_resumed_after_space_is_freed(wo
     url = fault_server.url("/file")
     with small_disk(workspace.data, "3m"):
         full = workspace.run("download.py", "--corpus-url", url, check=False)
-        assert_clean(full, "not enough disk space in", "free", "the server did not say how large",
+        assert_clean_failure(full, "not enough disk space in", "free", "the server did not say how large",
                      "resumed next time", "#disk-full")
         part = workspace.data / "raw" / "corpus.txt.part"
         assert part.exists() and part.stat().st_size > 2 * MB

@@ -19,20 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, TINY_TRAIN, Workspace, make_corpus_text
+from conftest import (PYTHON, REPO, TINY_TRAIN, Workspace, assert_clean_failure, losses, make_corpus_text,
+                      steps_per_epoch)
 
 NO_TRACEBACK = "Traceback"
-
-
-def losses(ws):
-    return [(e["train_loss"], e["train_loss_eval"], e["val_loss"]) for e in ws.history()["epochs"]]
-
-
-def assert_clean_failure(result, *needles, code=1):
-    assert result.returncode == code, result.stderr
-    for needle in needles:
-        assert needle in result.stderr, (needle, result.stderr)
-    assert NO_TRACEBACK not in result.stderr
 
 
 # ----------------------------------------------------------------------------- kill -9 and signals
@@ -115,11 +105,6 @@ def test_sigterm_during_download_keeps_the_partial_file_for_resume(workspace):
 
 
 # ----------------------------------------------------------------------------- corrupted files
-
-
-def steps_per_epoch(ws, seq_len=32, batch=16):
-    tokens = json.loads((ws.data / "encoded" / "train.json").read_text())["tokens"]
-    return -(-((tokens - 1) // seq_len) // batch)
 
 
 def test_truncated_last_checkpoint_falls_back_to_the_previous_good_one(encoded):

@@ -11,17 +11,8 @@ import time
 
 import torch
 
-from conftest import PYTHON, REPO, TINY_TRAIN, Workspace
+from conftest import PYTHON, REPO, TINY_TRAIN, Workspace, losses, steps_per_epoch
 from faults_helpers import fill, small_disk
-
-
-def losses(ws):
-    return [(e["train_loss"], e["train_loss_eval"], e["val_loss"]) for e in ws.history()["epochs"]]
-
-
-def steps_per_epoch(ws, seq_len=32, batch=16):
-    tokens = json.loads((ws.data / "encoded" / "train.json").read_text())["tokens"]
-    return -(-((tokens - 1) // seq_len) // batch)
 
 
 def start_train(ws, *args, env=None):

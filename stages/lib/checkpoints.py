@@ -40,12 +40,10 @@ def checkpoint_bytes(payload: dict) -> bytes:
     return buffer.getvalue()
 
 
-def save_checkpoint(path: Path, payload: dict) -> int:
-    """Write atomically; returns the file's size. A full disk is an OSError here, never torch's
-    'unexpected pos' RuntimeError, so it becomes the clear disk-full message of lib/files.py."""
-    data = checkpoint_bytes(payload)
-    write_bytes_atomic(path, data)
-    return len(data)
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write atomically. A full disk is an OSError here, never torch's 'unexpected pos' RuntimeError,
+    so it becomes the clear disk-full message of lib/files.py."""
+    write_bytes_atomic(path, checkpoint_bytes(payload))
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -8,7 +8,6 @@ exits non-zero; Ctrl+C and SIGTERM exit 130 and 143.
 from __future__ import annotations
 
 import errno
-import shutil
 import signal
 import sys
 import time
@@ -113,14 +112,10 @@ def explain_os_error(exc: OSError) -> PipelineError | None:
     """A full disk, a read-only folder or a missing permission, said as what to do; None for anything else."""
     where = Path(exc.filename) if exc.filename else None
     if exc.errno == errno.ENOSPC:
-        folder = where.parent if where else Path(".")
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        return PipelineError(
-            f"disk full while writing {where or 'a file'} ({shutil.disk_usage(folder).free / 1e6:.1f} MB free in "
-            f"{folder}); stage '{_STAGE}' stopped and its finished outputs are untouched",
-            "free some disk space (or point DATA_DIR / ARTIFACTS_DIR at a larger disk) and rerun the same command",
-            "disk-full")
+        from lib.files import disk_full_error  # lib.files imports this module
+
+        return disk_full_error(where or Path("a file"), kept=f"stage '{_STAGE}' stopped and its finished outputs are "
+                                                             f"untouched")
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         why = "the file system is read-only" if exc.errno == errno.EROFS else "permission denied"
         return PipelineError(

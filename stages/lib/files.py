@@ -38,11 +38,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def _disk_full(path: Path, needed: int | None = None) -> PipelineError:
-    free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+def disk_full_error(path: Path, needed: int | None = None,
+                    kept: str = "the previous version of the file is untouched") -> PipelineError:
+    """The one disk-full message: the file, the free space where it was going, what it needed, what is kept."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     need = f"; it needs about {human_bytes(needed)}" if needed else ""
     return PipelineError(
-        f"disk full while writing {path} ({human_bytes(free)} free{need}); the previous version of the file is untouched",
+        f"disk full while writing {path} ({human_bytes(shutil.disk_usage(folder).free)} free in {folder}{need}); {kept}",
         "free some disk space (or point DATA_DIR / ARTIFACTS_DIR at a larger disk) and rerun the same command",
         "disk-full",
     )
@@ -72,7 +76,7 @@ def atomic_path(path: Path, needed_bytes: int | None = None):
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
-            raise _disk_full(path, needed_bytes) from None
+            raise disk_full_error(path, needed_bytes) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
