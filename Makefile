@@ -111,7 +111,7 @@ FLAGS_export    = $(call flag,--checkpoint,CHECKPOINT)
 # A local corpus is an input like any other: editing it reruns the pipeline from download.
 CORPUS_INPUTS = $(if $(CORPUS_PATH),$(if $(wildcard $(CORPUS_PATH)/.),$(wildcard $(CORPUS_PATH)/*.txt $(CORPUS_PATH)/*.html $(CORPUS_PATH)/*.htm),$(wildcard $(CORPUS_PATH))))
 
-.PHONY: help all check download prepare tokenizer encode train evaluate export figures generate runs bench sweep test venv \
+.PHONY: help all check download prepare tokenizer encode train evaluate export docs generate runs bench sweep test venv \
         clean-checkpoints clean distclean FORCE
 
 help: ## list targets and variables
@@ -187,8 +187,13 @@ $(TOK)/spm.model $(TOK)/spm.vocab $(TOK)/tokenizer.json &: $(CODE_tokenizer) $(P
 	$(PY) stages/train_tokenizer.py $(BASE_FLAGS) $(FLAGS_tokenizer)
 
 encode: $(ENC)/val.json ## 4. token ids -> data/encoded/{train,val}.npy
-$(ENC)/train.npy $(ENC)/train.json $(ENC)/val.npy $(ENC)/val.json &: $(CODE_encode) $(DATA_PARAMS)/encode.json $(TOK)/spm.model $(PREP)/train.txt $(PREP)/val.txt
+$(ENC)/train.npy $(ENC)/train.json $(ENC)/val.npy $(ENC)/val.json &: $(CODE_encode) $(DATA_PARAMS)/encode.json $(TOK)/spm.model $(PREP)/train.txt $(PREP)/val.txt $(ENC)/tokenizer-checked.txt
 	$(PY) stages/encode.py $(BASE_FLAGS) $(FLAGS_encode)
+# Make compares times, which cannot tell two tokenizers apart (a copied or restored spm.model is older
+# than the token files). Rewritten only when a token file's sidecar names another tokenizer or text than
+# the current ones: then it is newer than the token files, which are rebuilt, and training after them.
+$(ENC)/tokenizer-checked.txt: FORCE | $(VENV_DONE)
+	@$(PY) stages/encode.py $(BASE_FLAGS) --check-tokenizer $@
 
 # Which commands train, the one rule: `make train` and `make all` bring the model up to
 # date with the settings they are given (a finished run with the same settings, data and
@@ -221,8 +226,15 @@ $(EXPORT)/export.json: $(CODE_export) $(PARAMS)/export.json $(EXPORT)/files-chec
 $(EXPORT)/files-checked.txt: FORCE | $(VENV_DONE)
 	@$(PY) stages/export.py $(BASE_FLAGS) --check-files $@
 
-figures: $(CKPT)/train_done.json | $(VENV_DONE) ## draw the docs' figures (docs/images/*.png) from the current run
+# Every measured figure in docs/*.md and README.md is written by a cog block from docs/data/, the snapshot
+# of the default run; tests/test_docs.py runs `cog --check` and compares the snapshot's fingerprint with
+# the defaults, so a change of defaults needs `make all && make export && make docs`.
+COG = $(PY) -m cogapp -P -I docs -p "from cog_figures import *" --verbosity=1
+docs: $(EVAL)/report.json $(EXPORT)/export.json | $(VENV_DONE) ## snapshot of the default run -> docs/data/, docs/images/, every figure in docs/ and README.md rewritten (cog)
+	$(PY) stages/list_runs.py $(BASE_FLAGS)
+	$(PY) stages/docs_snapshot.py $(BASE_FLAGS)
 	$(PY) stages/figures.py $(BASE_FLAGS)
+	$(COG) -r docs/*.md README.md
 
 generate: $(VENV_DONE) ## print a continuation of PROMPT from the trained model (RUNTIME=onnx: the export, no torch)
 	$(PY) stages/generate.py $(BASE_FLAGS) $(FLAGS_generate)

@@ -544,4 +544,4 @@ def main(cfg):
 
 if __name__ == "__main__":
     config = resolve_config(build_parser(), "download", validate=validate)
-    run_stage(main, config)
+    run_stage(main, config, log_file=stage_paths(config)["raw"] / "download.log")

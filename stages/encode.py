@@ -12,17 +12,50 @@ refuses a stale file or one made by another tokenizer.
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 
 from lib.config import log_config, resolve_config, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage
-from lib.files import atomic_path, human_bytes, inject_disk_full_fault, read_json, sha256_file, write_json_atomic
+from lib.files import (atomic_path, human_bytes, inject_disk_full_fault, read_json, sha256_file, write_json_atomic,
+                       write_text_atomic)
 
 
 def build_parser():
-    return stage_parser("encode", __doc__)
+    p = stage_parser("encode", __doc__)
+    p.add_argument("--check-tokenizer", type=str, default="", metavar="STAMP",
+                   help="rewrite STAMP when a token file was made by another tokenizer or text (used by make)")
+    return p
+
+
+def check_tokenizer(cfg: dict, stamp: Path) -> None:
+    """--check-tokenizer STAMP (run by make before it decides). Make compares times, which cannot tell two
+    tokenizers apart (a copied or restored spm.model is older than the token files): when a sidecar names
+    another tokenizer or another text than the current ones, STAMP is rewritten, so the token files are
+    rebuilt, and training after them. Otherwise STAMP is left alone, older than the token files."""
+    paths = stage_paths(cfg)
+    model, out = paths["tokenizer"] / "spm.model", paths["encoded"]
+    stale = []
+    for split in ("train", "val"):
+        try:
+            meta = json.loads((out / f"{split}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # no token file yet: make builds it anyway
+        if model.exists() and meta.get("tokenizer_sha256") != sha256_file(model):
+            stale.append(f"{split}.npy (another tokenizer than {model})")
+        source = paths["prepared"] / f"{split}.txt"
+        if source.exists() and meta.get("source_sha256") != sha256_file(source):
+            stale.append(f"{split}.npy (another text than {source})")
+    if stale:
+        print(f"encode: stale token files, re-encoding: {', '.join(stale)}", flush=True)
+        write_text_atomic(stamp, "stale: " + ", ".join(stale) + "\n")
+    elif not stamp.exists():
+        write_text_atomic(stamp, "checked\n")
+        os.utime(stamp, (0, 0))  # older than any token file: nothing is rebuilt for it
 
 
 def encode_split(sp, text: str, bos: int, eos: int, dtype=np.int64, batch_lines: int = 50_000) -> np.ndarray:
@@ -61,6 +94,8 @@ def encode_split(sp, text: str, bos: int, eos: int, dtype=np.int64, batch_lines:
 
 
 def main(cfg):
+    if cfg["check_tokenizer"]:
+        return check_tokenizer(cfg, Path(cfg["check_tokenizer"]))
     import sentencepiece as spm
 
     log_config(cfg)
@@ -112,4 +147,5 @@ def main(cfg):
 
 if __name__ == "__main__":
     config = resolve_config(build_parser(), "encode")
-    run_stage(main, config)
+    run_stage(main, config, report_time=not config["check_tokenizer"],
+              log_file=None if config["check_tokenizer"] else stage_paths(config)["encoded"] / "encode.log")

@@ -168,7 +168,7 @@ def render_markdown(report: dict) -> str:
         f"| tokens/s (1 thread) | {lat['tokens_per_s']:.0f} |",
         f"| RSS steady / peak (MB, inference process) | {lat['rss_mb']:.0f} / {lat['peak_rss_mb']:.0f} |",
         f"| CPU-seconds per token (energy proxy; battery is not measurable here) | {lat['cpu_seconds_per_token']:.5f} |",
-        "", "## Spec checks", "", "| check | result | figure |", "|---|---|---|",
+        "", "## Checks", "", "| check | result | figure |", "|---|---|---|",
     ]
     lines += [f"| {c['check']} | {'PASS' if c['passed'] else 'FAIL'} | {c['figure']} |" for c in report["checks"]]
     lines += ["", "## Samples", "", f"temperature {report['sampling']['temperature']}, top-k {report['sampling']['top_k']}, "
@@ -258,4 +258,4 @@ def main(cfg):
 
 if __name__ == "__main__":
     config = resolve_config(build_parser(), "evaluate", validate=validate)
-    run_stage(main, config)
+    run_stage(main, config, log_file=stage_paths(config)["eval"] / "evaluate.log")

@@ -255,4 +255,6 @@ if __name__ == "__main__":
     config = resolve_config(build_parser(), "export", validate=validate)
     set_interrupt_note("the previous export stays in artifacts/export/ (if it was being replaced, its export.json "
                        "is gone, so `make export` rebuilds it)")
-    run_stage(main, config)
+    # the proofs' and the file check's own processes keep no log: the export's does
+    quiet = config["prove"] or config["check_files"]
+    run_stage(main, config, log_file=None if quiet else stage_paths(config)["export"] / "export.log")

@@ -1,14 +1,21 @@
-"""Draw the docs' figures from the real code and the current run -> docs/images/*.png.
+"""Draw the docs' figures from the snapshot of the default run and the real code -> docs/images/*.png.
 
-    make figures
+    make docs                     # snapshot (stages/docs_snapshot.py), these figures, then cog
     python stages/figures.py [--out docs/images]
 
-lr_schedule.png   the learning rate of every step of a default run (lr_at, the function training uses)
+lr_schedule.png   the learning rate of every step of the default run (lr_at, the function training uses)
 window_grid.png   how an epoch cuts the token file into windows, x and y shifted by one (epoch_windows)
-loss_curves.png   the current run's per-epoch training, eval-mode training and validation loss, and the gap
-attention.png     what each head of the first block attends to, on a real sentence, with the trained model
+loss_curves.png   the default run's per-epoch training, eval-mode training and validation loss, and the gap
+first_steps.png   the loss of every step of epoch 1 (from ln(vocab) down), and every step's gradient norm
+                  against the clipping threshold
+overfitting.png   the default run against the same model without dropout and input noise (its run, kept by
+                  `make train DROPOUT=0 INPUT_NOISE=0`, is in the snapshot's runs.json)
+attention.png     what each head of the first block attends to, on a real sentence, with the trained model;
+                  docs/data/attention.json: each head's share of weight on itself, the previous token and <s>
+rotary.png        one pair of a query's dimensions turned by position, fast and slow pairs
+sampling.png      one next-token distribution of the trained model, as temperature, top-k and top-p reshape it
 
-Rerun it after the defaults change (a new default run), so the docs show what the code does.
+Reads docs/data/ (the snapshot) and the trained model of the same run in artifacts/checkpoints/.
 """
 
 from __future__ import annotations
@@ -23,14 +30,18 @@ from lib.batches import epoch_windows
 from lib.checkpoints import load_model
 from lib.config import REPO_ROOT, resolve_config, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage
-from lib.files import atomic_path, read_json
+from lib.files import atomic_path, read_json, write_json_atomic
 from lib.optim import lr_at
+from model.tiny_transformer import rotary_tables
 
 
 def build_parser():
     p = stage_parser("figures", __doc__)
     p.add_argument("--out", type=str, default=None, help="folder for the PNG files (relative: to the repository)")
     p.add_argument("--sentence", type=str, default=None, help="the sentence whose attention is drawn")
+    p.add_argument("--snapshot", type=str, default="docs/data", help="the snapshot of the default run (make docs)")
+    p.add_argument("--sampling-prompt", type=str, default="En el principio crió Dios los",
+                   help="the prompt whose next-token distribution sampling.png shows")
     return p
 
 
@@ -124,6 +135,139 @@ def attention(plt, model, sp, sentence: str, out: Path) -> None:
     fig.tight_layout()
     fig.subplots_adjust(top=0.92)  # room for the heads' titles
     save(fig, out / "attention.png")
+    rows = weights[:, 1:]  # queries after <s> (the first can only look at itself)
+    positions = torch.arange(1, T)
+    return {"sentence": sentence, "pieces": pieces, "heads": [
+        {"self": float(rows[h, torch.arange(T - 1), positions].mean()),
+         "previous": float(rows[h, torch.arange(T - 1), positions - 1].mean()),
+         "bos": float(rows[h, :, 0].mean())} for h in range(H)]}
+
+
+def first_steps(plt, history: list, grad_clip: float, vocab: int, out: Path) -> None:
+    """Epoch 1's step losses from ln(vocab) down, and every step's gradient norm against the clipping threshold."""
+    fig, (loss_ax, norm_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    losses = history[0]["step_losses"]
+    loss_ax.plot(range(1, len(losses) + 1), losses, ms=2, marker="o")
+    loss_ax.axhline(math.log(vocab), color="grey", ls=":", label=f"ln {vocab} = {math.log(vocab):.2f} (uniform guess)")
+    loss_ax.axhline(history[0]["train_loss"], color="tab:orange", ls="--",
+                    label=f"epoch 1's mean, the logged 'train' {history[0]['train_loss']:.2f}")
+    loss_ax.set_xlabel("step of epoch 1")
+    loss_ax.set_ylabel("training loss of the step (nats/token)")
+    loss_ax.legend(fontsize=8)
+    norms = [n for e in history for n in e["step_grad_norms"]]
+    steps_per_epoch = len(history[0]["step_grad_norms"])
+    norm_ax.plot(np.arange(len(norms)) / steps_per_epoch, norms, lw=0.7)
+    norm_ax.axhline(grad_clip, color="tab:red", ls=":", label=f"GRAD_CLIP = {grad_clip:g}: longer gradients are scaled down to it")
+    norm_ax.set_yscale("log")
+    norm_ax.set_xlabel("epoch")
+    norm_ax.set_ylabel("gradient norm before clipping")
+    norm_ax.legend(fontsize=8)
+    for a in (loss_ax, norm_ax):
+        a.grid(alpha=0.3)
+    whole_epochs(norm_ax)
+    fig.tight_layout()
+    save(fig, out / "first_steps.png")
+
+
+def overfitting(plt, runs: list, history: list, out: Path) -> bool:
+    bare = next((r for r in runs if r["config"]["dropout"] == 0 and r["config"]["input_noise"] == 0), None)
+    if bare is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, epochs, style in (("defaults (dropout + input noise)", history, "-"),
+                                 ("DROPOUT=0 INPUT_NOISE=0", bare["epochs"], "--")):
+        e = [h["epoch"] for h in epochs]
+        ax.plot(e, [h["val_loss"] for h in epochs], style, color="tab:green", marker="o", ms=3, label=f"validation, {label}")
+        ax.plot(e, [h["train_loss_eval"] for h in epochs], style, color="tab:blue", marker="o", ms=3,
+                label=f"train (eval mode), {label}")
+    best = min(bare["epochs"], key=lambda h: h["val_loss"])
+    ax.annotate(f"lowest validation loss: epoch {best['epoch']}", (best["epoch"], best["val_loss"]),
+                xytext=(best["epoch"] + 1, best["val_loss"] - 0.45), arrowprops={"arrowstyle": "->"}, fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    whole_epochs(ax)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, out / "overfitting.png")
+    return True
+
+
+def rotary(plt, train_cfg: dict, out: Path) -> None:
+    """A query's first pair of dimensions (fast) and its last pair (slow), turned by position, from rotary_tables."""
+    head_dim = train_cfg["d_model"] // train_cfg["n_heads"]
+    dims = head_dim  # rotary_fraction 1.0: every pair turns
+    positions = torch.arange(0, 9)
+    cos, sin = rotary_tables(positions, head_dim, dims, train_cfg["rotary_base"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    half = dims // 2
+    for ax, pair, what in ((axes[0], 0, "pair 1 (fast)"), (axes[1], half - 1, f"pair {half} (slow)")):
+        x = torch.zeros(head_dim)
+        x[pair], x[pair + half] = 1.0, 0.0  # a unit vector along the pair's first dimension
+        for p in positions.tolist():
+            turned = x * cos[p] + torch.cat([x[half:dims], x[:half]]) * sin[p]
+            a, b = float(turned[pair]), float(turned[pair + half])
+            ax.annotate("", (a, b), (0, 0), arrowprops={"arrowstyle": "->", "color": plt.cm.viridis(p / 8)})
+            ax.text(a * 1.12, b * 1.12, str(p), fontsize=8, ha="center", va="center")
+        angle = 1.0 / train_cfg["rotary_base"] ** (2 * pair / dims)
+        ax.set_title(f"{what}: {math.degrees(angle):.3g}° per position", fontsize=9)
+        ax.set_xlim(-1.3, 1.3)
+        ax.set_ylim(-1.3, 1.3)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+        ax.set_xlabel(f"dimension {pair + 1} of the head")
+        ax.set_ylabel(f"dimension {pair + half + 1}")
+    fig.suptitle("one query vector's pair of dimensions at positions 0-8 (numbers): same length, turned by the "
+                 "position's angle", fontsize=9)
+    fig.tight_layout()
+    save(fig, out / "rotary.png")
+
+
+def filtered_probabilities(logits, temperature: float, top_k: int, top_p: float):
+    """The distribution `sample_next` (model/tiny_transformer.py) draws from, as a vector."""
+    logits = logits / temperature
+    if top_k and top_k < logits.numel():
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[-1], float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        logits = logits.scatter(0, order[probs.cumsum(-1) - probs > top_p], float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def sampling(plt, model, sp, prompt: str, gen_cfg: dict, out: Path) -> dict:
+    ids = [sp.bos_id()] + sp.encode(prompt)
+    logits = model(torch.tensor([ids]))[0][0, -1].float()
+    settings = [("greedy (temperature 0): always the top token", None),
+                ("temperature 1.0: the model's own distribution", (1.0, 0, 1.0)),
+                ("temperature 0.5: sharper", (0.5, 0, 1.0)),
+                (f"temperature {gen_cfg['temperature']:g}, top-k {gen_cfg['top_k']} (the defaults)",
+                 (gen_cfg["temperature"], gen_cfg["top_k"], 1.0)),
+                ("temperature 1.0, top-p 0.9", (1.0, 0, 0.9))]
+    base = torch.softmax(logits, -1)
+    order = torch.argsort(base, descending=True)[:15]
+    labels = [sp.id_to_piece(int(i)) for i in order]
+    fig, axes = plt.subplots(1, len(settings), figsize=(3.1 * len(settings), 3.8), sharey=True)
+    stats = []
+    for ax, (title, setting) in zip(axes, settings):
+        probs = torch.zeros_like(base)
+        if setting is None:
+            probs[int(base.argmax())] = 1.0
+        else:
+            probs = filtered_probabilities(logits, *setting)
+        kept = int((probs > 0).sum())
+        ax.barh(range(len(order)), probs[order].numpy(), color="tab:blue")
+        ax.set_yticks(range(len(order)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{title}\n{kept} of {len(base)} tokens possible", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("probability", fontsize=8)
+        stats.append({"setting": title, "tokens_possible": kept, "top_token_probability": float(probs.max())})
+    fig.suptitle(f"next token after {prompt!r}: the 15 most likely of the trained model", fontsize=9)
+    fig.tight_layout()
+    save(fig, out / "sampling.png")
+    return {"prompt": prompt, "top_piece": labels[0], "settings": stats}
 
 
 def main(cfg):
@@ -133,22 +277,35 @@ def main(cfg):
     import sentencepiece as spm
 
     paths = stage_paths(cfg)
-    history_file = paths["checkpoints"] / "history.json"
-    history = read_json(history_file, "training history", "train the default run first: `make train`")
-    train_cfg = history["config"]
-    if not history["epochs"]:
-        raise PipelineError(f"{history_file} has no finished epoch", "train first: `make train`")
+    snapshot = REPO_ROOT / cfg["snapshot"]
+    fix = "take the snapshot of the default run first: `make docs`"
+    history = read_json(snapshot / "history.json", "the snapshot's training history", fix)
+    runs = read_json(snapshot / "runs.json", "the snapshot's runs", fix)["runs"]
+    train_cfg, epochs = history["config"], history["epochs"]
+    current = read_json(paths["checkpoints"] / "history.json", "training history", "train the default run: `make all`")
+    if current.get("fingerprint") != history.get("fingerprint"):
+        raise PipelineError(f"the model in {paths['checkpoints']} is not the run of the snapshot {snapshot}",
+                            "make both from the default run: `make all && make docs`")
     out = REPO_ROOT / cfg["out"]  # an absolute path stays as it is
     out.mkdir(parents=True, exist_ok=True)
-    lr_schedule(plt, train_cfg, history["epochs"][0]["step"], out)
+    lr_schedule(plt, train_cfg, epochs[0]["step"], out)
     window_grid(plt, train_cfg, out)
-    loss_curves(plt, history["epochs"], out)
+    loss_curves(plt, epochs, out)
+    vocab = read_json(snapshot / "tokenizer.json", "the snapshot's tokenizer sidecar", fix)["vocab_size"]
+    first_steps(plt, epochs, train_cfg["grad_clip"], vocab, out)
+    drawn = ["lr_schedule", "window_grid", "loss_curves", "first_steps", "rotary", "attention", "sampling"]
+    if overfitting(plt, runs, epochs, out):
+        drawn.append("overfitting")
+    rotary(plt, train_cfg, out)
     model, _ = load_model(paths["checkpoints"] / "best_model.pt")
+    model = model.float().eval()
     sp = spm.SentencePieceProcessor(model_file=str(paths["tokenizer"] / "spm.model"))
-    attention(plt, model.float().eval(), sp, cfg["sentence"], out)
+    write_json_atomic(snapshot / "attention.json", attention(plt, model, sp, cfg["sentence"], out))
+    gen_cfg = read_json(snapshot / "snapshot.json", "the snapshot", fix)["params"]["evaluate"]
+    write_json_atomic(snapshot / "sampling.json", sampling(plt, model, sp, cfg["sampling_prompt"], gen_cfg, out))
     plt.close("all")
-    log(f"wrote lr_schedule.png, window_grid.png, loss_curves.png, attention.png to {out}")
+    log(f"wrote {', '.join(name + '.png' for name in drawn)} to {out}")
 
 
 if __name__ == "__main__":
-    run_stage(main, resolve_config(build_parser(), "figures"))
+    run_stage(main, resolve_config(build_parser(), "figures"), report_time=False)

@@ -176,4 +176,4 @@ def main(cfg):
 
 if __name__ == "__main__":
     config = resolve_config(build_parser(), "prepare", validate=validate)
-    run_stage(main, config)
+    run_stage(main, config, log_file=stage_paths(config)["prepared"] / "prepare.log")

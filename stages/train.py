@@ -52,7 +52,7 @@ from lib.batches import epoch_windows, get_batch, load_training_data, loss_sum
 from lib.checkpoints import checkpoint_bytes, rng_state, save_checkpoint
 from lib.config import check_positive, log_config, public, resolve_config, stage_parser, stage_paths
 from lib.distributed import World, join, launch_ranks, launched_by_torchrun, lost_peer, report_stop_to_launcher
-from lib.errors import EXIT_SIGINT, EXIT_SIGTERM, PipelineError, log, run_stage, silence_log
+from lib.errors import EXIT_SIGINT, EXIT_SIGTERM, PipelineError, append_log_to, log, run_stage, silence_log
 from lib.faults import StopRequest, inject_fault
 from lib.files import human_bytes, write_json_atomic, write_text_atomic
 from lib.hardware import keep_freed_memory, resolve_device, resolve_dtype
@@ -250,7 +250,7 @@ def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dic
     cfg, T = run.cfg, run.cfg["max_seq_length"]
     windows = run.windows_by_epoch[epoch]
     batches = [windows[i:i + cfg["batch_size"]] for i in range(0, len(windows), cfg["batch_size"])]
-    started, grad_norms, trained_tokens = time.perf_counter(), [], 0
+    started, grad_norms, step_losses, trained_tokens = time.perf_counter(), [], [], 0
     bar = tqdm(total=len(batches), initial=state.position, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
                disable=None if run.world.is_main else True, file=sys.stderr, dynamic_ncols=True)
     stop_asked = 0.0  # several processes: the sum over ranks of 1 per Ctrl+C, 1000 per SIGTERM
@@ -278,7 +278,8 @@ def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dic
                                                            asked], run.device)
             loss_value = loss_sum_ / tokens
         if not math.isfinite(loss_value):
-            raise PipelineError(f"loss became {loss_value} at epoch {epoch + 1}, step {state.step} (lr {lr:.2e})",
+            raise PipelineError(f"loss became {loss_value} at epoch {epoch + 1}, step {b + 1} of {len(batches)} "
+                                f"(step {state.step + 1} of the run, lr {lr:.2e})",
                                 "go back to the default LR=0.0015 (or half the LR that diverged), keep GRAD_CLIP=1.0, "
                                 "then RESUME=no", "diverging-or-nan-loss")
         state.step += 1
@@ -286,13 +287,14 @@ def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dic
         state.running_count += 1
         trained_tokens += len(batches[b]) * T
         grad_norms.append(float(norm))
+        step_losses.append(loss_value)
         bar.update(1)
         bar.set_postfix(loss=f"{state.running_sum / state.running_count:.3f}", lr=f"{lr:.1e}",
                         tok_s=f"{trained_tokens / (time.perf_counter() - started):.0f}", refresh=False)
     bar.close()
     state.position = 0
     return {"started": started, "train_seconds": time.perf_counter() - started, "grad_norms": grad_norms,
-            "trained_tokens": trained_tokens}
+            "step_losses": step_losses, "trained_tokens": trained_tokens}
 
 
 def measure_epoch(run: Run, state: Progress, epoch: int, stats: dict, run_started: float) -> dict:
@@ -314,6 +316,8 @@ def measure_epoch(run: Run, state: Progress, epoch: int, stats: dict, run_starte
         "train_loss_eval": train_eval, "val_loss": val_loss, "val_bpb": val_bpb, "gap": val_loss - train_eval,
         "lr": lr_at(state.step - 1, cfg, run.total_steps), "grad_norm_mean": float(np.mean(norms)) if norms else None,
         "grad_norm_max": float(np.max(norms)) if norms else None,
+        # every step's loss and gradient norm (before clipping): the first steps, the spikes the clipping caps
+        "step_losses": [round(v, 4) for v in stats["step_losses"]], "step_grad_norms": [round(v, 4) for v in norms],
         "tokens_per_s": stats["trained_tokens"] / stats["train_seconds"] if stats["train_seconds"] > 0 else None,
         "seconds": time.perf_counter() - stats["started"], "elapsed_s": time.perf_counter() - run_started,
     }
@@ -429,6 +433,7 @@ def train(run: Run, world: World) -> None:
         return
     if world.is_main:
         run.dir.mkdir(parents=True, exist_ok=True)
+        append_log_to(run.dir / "train.log")  # the run's own log: kept across resumes, moved with the run
     state = restore(run, ckpt)
     if world.is_main:
         write_json_atomic(run.dir / "run.json", {"fingerprint": run.fingerprint, "identity": run.identity,

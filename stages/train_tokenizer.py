@@ -152,4 +152,4 @@ def main(cfg):
 
 if __name__ == "__main__":
     config = resolve_config(build_parser(), "tokenizer", validate=validate)
-    run_stage(main, config)
+    run_stage(main, config, log_file=stage_paths(config)["tokenizer"] / "train_tokenizer.log")

@@ -9,6 +9,7 @@ exit non-zero (it demonstrates an error).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from conftest import REPO, copy_project, make_corpus_text
 
-DOCS = ["walkthrough.md", "training.md", "configuration.md", "speed.md", "troubleshooting.md"]
+DOCS = ["walkthrough.md", "training.md", "configuration.md", "speed.md", "troubleshooting.md", "experiments.md"]
 BLOCK = re.compile(r"(<!--\s*(?P<mark>[a-z-]+)\s*-->\s*\n)?```(?P<lang>bash|python)\n(?P<code>.*?)```", re.S)
 
 TINY_OVERRIDES = {
@@ -42,9 +43,68 @@ def blocks(doc: Path):
 
 def test_docs_exist_and_readme_links_them_in_order():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = readme[readme.index("## Documentation, in reading order"):]
     positions = [readme.find(f"docs/{name}") for name in DOCS]
     assert all(p >= 0 for p in positions), "README must link every doc"
     assert positions == sorted(positions), "README links the docs in reading order"
+
+
+COG = [sys.executable, "-m", "cogapp", "-P", "-I", "docs", "-p", "from cog_figures import *"]
+
+
+def test_every_figure_is_the_snapshots():
+    """cog --check: every generated figure in docs/*.md and README.md is what docs/data/ gives today."""
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")) + ["README.md"]
+    result = subprocess.run([*COG, "--check", "--diff", *files], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, f"stale figures: run `make docs`\n{result.stdout[-4000:]}{result.stderr[-4000:]}"
+    blocks_per_file = {f: (REPO / f).read_text(encoding="utf-8").count("[[[cog") for f in files}
+    assert all(n > 0 for n in blocks_per_file.values()), f"every page's figures come from the snapshot: {blocks_per_file}"
+    assert sum(blocks_per_file.values()) >= 60
+
+
+def test_the_snapshot_is_the_default_configurations():
+    """docs/data/ was made from today's defaults: a change of defaults without `make docs` fails here."""
+    result = subprocess.run([sys.executable, "stages/docs_snapshot.py", "--fingerprint"], cwd=REPO,
+                            capture_output=True, text=True, check=True,
+                            env={k: v for k, v in os.environ.items() if k != "PIPELINE_CONFIG"})
+    now = json.loads(result.stdout)
+    snapshot = json.loads((REPO / "docs" / "data" / "snapshot.json").read_text())
+    changed = {f"{stage}.{key}": (snapshot["params"].get(stage, {}).get(key), value)
+               for stage, values in now["params"].items() for key, value in values.items()
+               if snapshot["params"].get(stage, {}).get(key) != value}
+    assert snapshot["fingerprint"] == now["fingerprint"], (
+        f"the defaults changed since docs/data/ was made (snapshot, now): {changed}; run "
+        "`make all && make export && make docs`")
+
+
+def test_the_snapshot_refuses_a_run_of_other_settings(trained, tmp_path):
+    """Only the default run's figures may reach the docs: a tiny run is refused, nothing is written."""
+    result = subprocess.run([sys.executable, "stages/docs_snapshot.py", "--data-dir", str(trained.data),
+                             "--artifacts-dir", str(trained.artifacts), "--out", str(tmp_path / "snapshot")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "not the default configuration's" in result.stderr and "train.d_model: 32 (default 128)" in result.stderr
+    assert "make docs" in result.stderr and not (tmp_path / "snapshot").exists()
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a page's headings (lower case, punctuation dropped, spaces to dashes)."""
+    return {re.sub(r"[^a-z0-9 _-]", "", title.strip().lower()).replace(" ", "-")
+            for title in re.findall(r"^#+ (.+)$", markdown, re.M)}
+
+
+def test_every_link_between_pages_lands():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"<!--.*?-->", "", page.read_text(encoding="utf-8"), flags=re.S)  # cog's code is not shown
+        for target, anchor in re.findall(r"\]\(([^)#\s]*\.md|)(?:#([^)\s]+))?\)", text):
+            file = (page.parent / target) if target else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and anchor not in anchors(file.read_text(encoding="utf-8")):
+                broken.append(f"{page.name}: {target}#{anchor}")
+    assert not broken, broken
 
 
 def test_few_blocks_are_illustrative():

@@ -137,11 +137,11 @@ def test_killed_export_never_looks_finished(trained, tmp_path):
 
 
 def test_both_architectures_export_with_passing_proofs(encoded):
-    """Learned positions map onto GPT-2, rotary positions onto GPT-NeoX; both prove equal.
+    """Learned positions map onto GPT-2, rotary positions onto GPT-NeoX, with each activation; all prove equal.
 
     (The other tests export the default, rotary positions with squared ReLU.)
     """
-    for positions, activation, architecture in (("learned", "gelu", "GPT2LMHeadModel"),
+    for positions, activation, architecture in (("learned", "gelu", "GPT2LMHeadModel"), ("learned", "relu2", "GPT2LMHeadModel"),
                                                 ("rotary", "relu", "GPTNeoXForCausalLM")):
         encoded.run("train.py", "--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--max-seq-length", "32",
                     "--batch-size", "16", "--epochs", "1", "--dtype", "float32", "--threads", "1",

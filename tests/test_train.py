@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pty
+import re
 import select
 import sys
 import time
@@ -13,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, TINY_TRAIN
+from conftest import PYTHON, REPO, TINY_TRAIN, assert_clean_failure
 
 sys.path.insert(0, str(REPO / "stages"))
 sys.path.insert(0, str(REPO))
@@ -195,11 +196,17 @@ def test_overrides_reach_the_log_and_the_saved_config(encoded):
     assert saved["batch_size"] == 8 and "batch_size" in saved["overridden"]
 
 
-def test_memory_estimate_refuses_a_batch_that_cannot_fit(encoded):
-    result = encoded.run("train.py", *TINY_TRAIN, "--batch-size", "4096", "--max-memory-gb", "0.05", check=False)
+def test_memory_estimate_refuses_a_batch_that_cannot_fit_and_names_one_that_does(encoded):
+    result = encoded.run("train.py", *TINY_TRAIN, "--batch-size", "4096", "--max-memory-gb", "0.25", check=False)
     assert result.returncode == 1
-    assert "Out of memory" in result.stderr and "try BATCH_SIZE=2048" in result.stderr
-    assert "but the limit MAX_MEMORY_GB=0.05 is 0.05 GB" in result.stderr  # in one unit
+    assert "Out of memory" in result.stderr and "but the limit MAX_MEMORY_GB=0.25 is 0.25 GB" in result.stderr  # one unit
+    fits = int(re.search(r"the largest batch that fits is about BATCH_SIZE=(\d+)", result.stderr)[1])
+    assert 16 <= fits <= 1024, "far over the budget, the hint is many halvings down, not one"
+    assert "lower LR too" in result.stderr
+    trained = encoded.run("train.py", *TINY_TRAIN, "--epochs", "1", "--batch-size", fits, "--max-memory-gb", "0.25")
+    assert "finished" in trained.stdout, "the batch the message names does fit"
+    nothing = encoded.run("train.py", *TINY_TRAIN, "--max-memory-gb", "0.1", check=False)
+    assert_clean_failure(nothing, "even BATCH_SIZE=1 does not fit", "MAX_MEMORY_GB")
 
 
 def test_out_of_memory_during_a_step_saves_and_explains(encoded):

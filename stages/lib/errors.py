@@ -70,16 +70,59 @@ def set_interrupt_note(note: str) -> None:
     _INTERRUPT_NOTE = note
 
 
+# Every line this process logged, for the stage's log file; training also appends each line as it
+# comes to its run folder's train.log (kept across resumes, moved with the run).
+_LINES: list[str] = []
+_APPEND_TO = None
+
+
 def log(message: str) -> None:
-    if not _SILENT:
-        print(f"[{_STAGE}] {message}", flush=True)
+    if _SILENT:
+        return
+    line = f"[{_STAGE}] {message}"
+    print(line, flush=True)
+    _LINES.append(line)
+    if _APPEND_TO is not None:
+        _write_log_lines([line])
+
+
+def append_log_to(path: Path) -> None:
+    """From now on every log line is also appended to `path`, starting with the lines logged so far."""
+    global _APPEND_TO
+    try:
+        _APPEND_TO = open(path, "a", encoding="utf-8")
+    except OSError:
+        return  # a log is a convenience: it never stops a stage
+    _write_log_lines(_LINES)
+
+
+def _write_log_lines(lines: list[str]) -> None:
+    global _APPEND_TO
+    try:
+        _APPEND_TO.write("".join(line + "\n" for line in lines))
+        _APPEND_TO.flush()
+    except OSError:  # a full disk: the checkpoint saves report it; the log stops here
+        _APPEND_TO = None
+
+
+def save_log(path: Path) -> None:
+    """The lines of this successful run, written whole (temp file + rename) beside the stage's outputs."""
+    from lib.files import write_text_atomic  # lib.files imports this module
+
+    try:
+        write_text_atomic(path, "".join(line + "\n" for line in _LINES))
+    except OSError:
+        pass  # the outputs are written; a log that cannot be is not worth failing for
 
 
 # ----------------------------------------------------------------------------- running a stage
 
 
-def run_stage(main, cfg: dict, report_time: bool = True) -> None:
-    """Run `main(cfg)`; turn expected failures into one message and an exit code."""
+def run_stage(main, cfg: dict, report_time: bool = True, log_file: Path | None = None) -> None:
+    """Run `main(cfg)`; turn expected failures into one message and an exit code.
+
+    `log_file`: where a successful run's log lines are kept (e.g. data/raw/download.log).
+    """
     # SIGTERM unwinds the stack like Ctrl+C, so that `finally` blocks and temp-file cleanup run.
     def _on_sigterm(signum, frame):
         raise Terminated()
@@ -106,6 +149,8 @@ def run_stage(main, cfg: dict, report_time: bool = True) -> None:
         sys.exit(explained.exit_code)
     if report_time:
         log(f"done in {time.perf_counter() - start:.1f}s")
+    if log_file is not None:
+        save_log(log_file)
 
 
 def explain_os_error(exc: OSError) -> PipelineError | None:

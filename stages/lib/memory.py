@@ -46,6 +46,25 @@ def smaller_batch_hint(cfg: dict) -> str:
     return f"try BATCH_SIZE={smaller} (or SEQ_LEN={max(8, cfg['max_seq_length'] // 2)})"
 
 
+def fitting_hint(cfg: dict, n_params: int, vocab: int, limit: int) -> str:
+    """The largest batch (a power of two) whose estimate fits, however far over the request was, and the LR advice."""
+    def fits(**change) -> bool:
+        return estimate_memory_bytes({**cfg, **change}, n_params, vocab) <= limit
+
+    batch = 1 << (cfg["batch_size"].bit_length() - 1)
+    while batch >= 1 and not fits(batch_size=batch):
+        batch //= 2
+    if batch < 1:
+        return ("even BATCH_SIZE=1 does not fit: use a smaller SEQ_LEN or model (D_MODEL, N_LAYERS), or set "
+                "MAX_MEMORY_GB to the memory this machine really has free")
+    seq = cfg["max_seq_length"] // 2
+    while seq >= 8 and not fits(max_seq_length=seq):
+        seq //= 2
+    keep_batch = f" (or keep the batch and use SEQ_LEN={seq})" if seq >= 8 else ""
+    return (f"the largest batch that fits is about BATCH_SIZE={batch}{keep_batch}; with a smaller batch, lower LR too "
+            f"(LR follows the batch: about a third lower per halving)")
+
+
 def check_memory(cfg, n_params, vocab):
     need = estimate_memory_bytes(cfg, n_params, vocab)
     limit, what = memory_limit_bytes(cfg)
@@ -54,4 +73,4 @@ def check_memory(cfg, n_params, vocab):
         raise PipelineError(  # one unit, GB, like MAX_MEMORY_GB itself
             f"Out of memory: training needs about {need / 1e9:.2f} GB at BATCH_SIZE={cfg['batch_size']}, "
             f"SEQ_LEN={cfg['max_seq_length']}, but {what} is {limit / 1e9:.2f} GB",
-            smaller_batch_hint(cfg), "out-of-memory")
+            fitting_hint(cfg, n_params, vocab, limit), "out-of-memory")

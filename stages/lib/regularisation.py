@@ -31,7 +31,7 @@ def resolve_dropout(setting, train_tokens: int) -> tuple[float, str]:
 
     Less text is memorised sooner, so a fixed rate tuned on the default corpus lets a
     smaller corpus overfit (the Debian Reference manual, 265K tokens: gap 0.51 at 0.3, 0.42 at
-    0.4; docs/configuration.md#smaller-corpora-dropout-auto). 'auto' keeps 0.2 down to
+    0.4; docs/experiments.md#a-smaller-corpus-dropout-auto). 'auto' keeps 0.2 down to
     650K training tokens and scales it by 650K / tokens below that, up to 0.4.
     """
     if setting != "auto":

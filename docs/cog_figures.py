@@ -1,0 +1,200 @@
+"""What the cog blocks of docs/*.md and README.md call: every measured figure, read from the snapshot.
+
+    make docs                                       # snapshot of the default run, figures, then cog
+    python -m cogapp -r -P -I docs -p "from cog_figures import *" docs/*.md README.md   # cog alone
+
+A block in the Markdown looks like this (the generated text sits between the markers):
+
+    <!-- [[[cog
+    print(f"The default run ends at a validation loss of {final('val_loss'):.3f}.")
+    ]]] -->
+    The default run ends at a validation loss of 4.029.
+    <!-- [[[end]]] -->
+
+docs/data/ holds the default run's files (stages/docs_snapshot.py copies them);
+docs/data/experiments/ holds the measured experiments of docs/experiments.md, each
+table with the code, settings and machine it was measured on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+DATA = DOCS / "data"
+REPO = DOCS.parent
+
+
+@lru_cache(maxsize=None)
+def data(name: str):
+    """One snapshot file, e.g. data('history') -> docs/data/history.json."""
+    return json.loads((DATA / f"{name}.json").read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=None)
+def experiment(name: str) -> dict:
+    return json.loads((DATA / "experiments" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------- the default run
+
+
+def params(stage: str) -> dict:
+    """The default configuration's parameters of one stage (as config/defaults.yaml resolves them)."""
+    return data("snapshot")["params"][stage]
+
+
+def run_config() -> dict:
+    """The default run's resolved training config (dropout: the number 'auto' chose)."""
+    return data("history")["config"]
+
+
+def epochs() -> list[dict]:
+    return data("history")["epochs"]
+
+
+def final(key: str):
+    return epochs()[-1][key]
+
+
+def max_gap() -> float:
+    return max(e["gap"] for e in epochs())
+
+
+def report() -> dict:
+    return data("report")
+
+
+def log_lines(stage: str, pattern: str = "") -> list[str]:
+    """The lines of a stage's log (the default run's) matching a regular expression."""
+    return [line for line in data("logs")[stage] if re.search(pattern, line)]
+
+
+def log_line(stage: str, pattern: str) -> str:
+    found = log_lines(stage, pattern)
+    if not found:
+        raise LookupError(f"no line of the {stage} log matches {pattern!r}")
+    return found[0]
+
+
+def done_s(stage: str) -> float:
+    """A stage's wall time, from its log's `done in` line."""
+    return float(re.search(r"done in ([0-9.]+)s", log_line(stage, r"done in"))[1])
+
+
+def stages_s() -> float:
+    return sum(done_s(stage) for stage in ("download", "prepare", "tokenizer", "encode", "train", "evaluate"))
+
+
+def text_block(lines: list[str]) -> None:
+    print("```text")
+    for line in lines:
+        print(line)
+    print("```")
+
+
+def epoch_log(numbers=(1, 2, 5, 20)) -> list[str]:
+    return [log_line("train", rf"epoch +{n}/") for n in numbers]
+
+
+def machine() -> str:
+    m = data("snapshot")["machine"]
+    bf16 = "native bf16" if m["native_bf16"] else "no native bf16, so training runs in float32"
+    return f"{m['cores']} cores of an {m['cpu']} ({bf16}), PyTorch {m['torch']}"
+
+
+def snapshot_note() -> str:
+    s = data("snapshot")
+    return f"the default run of {s['made']} on {machine()}"
+
+
+# ----------------------------------------------------------------------------- numbers as the docs write them
+
+
+def k(x: float) -> str:
+    """Tokens per second as 12.6K."""
+    return f"{x / 1000:.1f}K"
+
+
+def mb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e6:.1f} MB"
+
+
+def thousands(n: int) -> str:
+    return f"{n:,}"
+
+
+def share(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def span(values, fmt="{:.0f}") -> str:
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def table(header: list[str], rows: list[list]) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")
+
+
+def experiment_table(name: str, bold=None) -> None:
+    """An experiment's rows, as measured; `bold(row)` marks the row to stress."""
+    exp = experiment(name)
+    rows = []
+    def cell(column, value):  # losses and gaps with their three decimals (JSON drops trailing zeros)
+        if isinstance(value, float) and ("loss" in column or "gap" in column or "share" in column):
+            return f"{value:.3f}"
+        return value
+
+    for row in exp["rows"]:
+        cells = [cell(c, row.get(c, "")) for c in exp["columns"]]
+        if bold and bold(row):
+            cells = [f"**{c}**" if c != "" else c for c in cells]
+        rows.append(cells)
+    table(exp["columns"], rows)
+
+
+def provenance(name: str) -> str:
+    exp = experiment(name)
+    return f"measured {exp['measured']} on {exp['machine']}, code {exp['code']}; {exp['how']}"
+
+
+def row(name: str, **match) -> dict:
+    """The one row of an experiment whose columns equal `match` (keys: column names with _ for spaces)."""
+    exp = experiment(name)
+    found = [r for r in exp["rows"]
+             if all(str(r.get(key.replace("_", " "))) == str(value) for key, value in match.items())]
+    if len(found) != 1:
+        raise LookupError(f"{name}: {len(found)} rows match {match}")
+    return found[0]
+
+
+# ----------------------------------------------------------------------------- the code, run
+
+
+def stages_on_path() -> None:
+    for folder in (REPO, REPO / "stages"):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+
+
+def ln(x: float) -> float:
+    return math.log(x)
+
+
+def pins(*packages: str) -> str:
+    """`name==version` of each package as requirements.txt pins it."""
+    pinned = dict(line.split("==") for line in (REPO / "requirements.txt").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
+    return " ".join(f"{name}=={pinned[name]}" for name in packages)
