@@ -135,7 +135,7 @@ def test_disk_full_mid_download_is_explained_and_resumed_after_space_is_freed(wo
         workspace.run("download.py", "--corpus-url", url)
         assert (workspace.data / "raw" / "corpus.txt").read_bytes() == fault_server.body
         assert fault_server.requests[-1]["range"].startswith("bytes="), "the second run continues the partial file"
-        assert raw_files(workspace) == ["corpus.json", "corpus.txt"]
+        assert raw_files(workspace) == ["corpus.json", "corpus.txt", "download.log"]
 
 
 def test_partial_download_of_another_url_is_not_spliced_in(workspace, fault_server):

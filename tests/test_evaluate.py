@@ -148,9 +148,30 @@ def test_malicious_checkpoint_is_not_executed(trained, tmp_path):
     assert not marker.exists()
 
 
-def test_figures_are_drawn_from_the_run_and_the_code(trained, tmp_path):
-    out = trained.run("figures.py", "--out", str(tmp_path / "images"))
-    for name in ("lr_schedule.png", "window_grid.png", "loss_curves.png", "attention.png"):
+def test_figures_are_drawn_from_the_snapshot_and_the_model_of_its_run(trained, tmp_path):
+    """figures.py draws from a snapshot (docs/data/ for the docs) and the trained model of the same run."""
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    history = json.loads((trained.artifacts / "checkpoints" / "history.json").read_text())
+    (snapshot / "history.json").write_text(json.dumps(history))
+    (snapshot / "tokenizer.json").write_text((trained.artifacts / "tokenizer" / "tokenizer.json").read_text())
+    (snapshot / "runs.json").write_text(json.dumps({"runs": [{"config": {**history["config"], "dropout": 0.0,
+                                                                          "input_noise": 0.0},
+                                                               "epochs": history["epochs"]}]}))
+    (snapshot / "snapshot.json").write_text(json.dumps({"params": {"evaluate": {"temperature": 0.8, "top_k": 50,
+                                                                                "top_p": 1.0}}}))
+    out = trained.run("figures.py", "--out", tmp_path / "images", "--snapshot", snapshot)
+    for name in ("lr_schedule.png", "window_grid.png", "loss_curves.png", "first_steps.png", "overfitting.png",
+                 "rotary.png", "attention.png", "sampling.png"):
         data = (tmp_path / "images" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+    heads = json.loads((snapshot / "attention.json").read_text())["heads"]
+    assert len(heads) == 2 and all(0 <= h["self"] <= 1 and 0 <= h["bos"] <= 1 for h in heads)
+    sampling = json.loads((snapshot / "sampling.json").read_text())["settings"]
+    assert [s["tokens_possible"] for s in sampling][0] == 1 and sampling[3]["tokens_possible"] == 50
     assert "wrote lr_schedule.png" in out.stdout
+
+    history["fingerprint"] = "another run"
+    (snapshot / "history.json").write_text(json.dumps(history))
+    refused = trained.run("figures.py", "--out", tmp_path / "images", "--snapshot", snapshot, check=False)
+    assert refused.returncode == 1 and "is not the run of the snapshot" in refused.stderr
