@@ -230,8 +230,7 @@ $(EXPORT)/files-checked.txt: FORCE | $(VENV_DONE)
 # of the default run; tests/test_docs.py runs `cog --check` and compares the snapshot's fingerprint with
 # the defaults, so a change of defaults needs `make all && make export && make docs`.
 COG = $(PY) -m cogapp -P -I docs -p "from cog_figures import *" --verbosity=1
-docs: $(EVAL)/report.json $(EXPORT)/export.json | $(VENV_DONE) ## snapshot of the default run -> docs/data/, docs/images/, every figure in docs/ and README.md rewritten (cog)
-	$(PY) stages/list_runs.py $(BASE_FLAGS)
+docs: $(EVAL)/report.json $(EXPORT)/export.json runs | $(VENV_DONE) ## snapshot of the default run -> docs/data/, docs/images/, every figure in docs/ and README.md rewritten (cog)
 	$(PY) stages/docs_snapshot.py $(BASE_FLAGS)
 	$(PY) stages/figures.py $(BASE_FLAGS)
 	$(COG) -r docs/*.md README.md

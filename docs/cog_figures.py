@@ -189,6 +189,22 @@ def stages_on_path() -> None:
             sys.path.insert(0, str(folder))
 
 
+def run_and_show(code: str) -> None:
+    """A Python block of the docs and, below it, what it printed when cog ran it (stages/ on the path)."""
+    import contextlib
+    import io
+
+    stages_on_path()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(code, {})
+    print("```python")
+    print(code)
+    print("```")
+    print()
+    text_block(printed.getvalue().splitlines())
+
+
 def ln(x: float) -> float:
     return math.log(x)
 

@@ -491,10 +491,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None, None
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> int:
-    if temperature <= 0:
-        return int(torch.argmax(logits))
+def next_token_probabilities(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution a token is drawn from: logits / temperature, cut to the top k and to the top-p nucleus."""
     logits = logits / temperature
     if top_k and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
@@ -505,5 +503,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         # drop tokens once the mass before them already exceeds top_p (the first token always stays)
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) > top_p
         logits = logits.scatter(0, order[drop], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.softmax(logits, dim=-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(next_token_probabilities(logits, temperature, top_k, top_p), 1, generator=generator))

@@ -30,9 +30,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lib.config import NOT_RESULT_KEYS, REPO_ROOT, resolve_config, stage_parser, stage_paths
+from lib.config import (NOT_RESULT_KEYS, REPO_ROOT, STAGE_LOGS, resolve_config, stage_log, stage_parser,
+                        stage_paths)
 from lib.errors import PipelineError, log, run_stage
-from lib.files import write_json_atomic
+from lib.files import read_json, write_json_atomic
 
 # stage name -> its script; `make all` + `make export` run these with the defaults
 STAGE_SCRIPTS = {"download": "download.py", "prepare": "prepare.py", "tokenizer": "train_tokenizer.py",
@@ -65,11 +66,7 @@ def params_fingerprint(params: dict) -> str:
 
 
 def read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path} is missing: the snapshot needs every output of the default run",
-                            f"run `{REMAKE}`") from None
+    return read_json(path, "the default run's file", f"the snapshot needs every output of the default run: `{REMAKE}`")
 
 
 def check_default_run(paths: dict, data_dir: Path, art: Path, params: dict) -> None:
@@ -113,13 +110,10 @@ def run_history(folder: Path) -> dict:
     return {"config": history["config"], "epochs": [{k: e.get(k) for k in keys} for e in history["epochs"]]}
 
 
-def logs(paths: dict) -> dict:
-    files = {"download": paths["raw"] / "download.log", "prepare": paths["prepared"] / "prepare.log",
-             "tokenizer": paths["tokenizer"] / "train_tokenizer.log", "encode": paths["encoded"] / "encode.log",
-             "train": paths["checkpoints"] / "train.log", "evaluate": paths["eval"] / "evaluate.log",
-             "export": paths["export"] / "export.log"}
+def logs(cfg: dict) -> dict:
     found = {}
-    for stage, file in files.items():
+    for stage in STAGE_LOGS:
+        file = stage_log(cfg, stage)
         if not file.exists():
             raise PipelineError(f"{file} is missing: the docs quote every stage's log",
                                 f"rerun that stage with the defaults (a log is kept from this version on): `{REMAKE}`")
@@ -185,7 +179,7 @@ def main(cfg):
         "runs.json": {"runs": [{**{k: v for k, v in r.items() if k != "val_curve"},
                                 **run_history(Path(r["folder"]))} for r in runs],
                       "table": (art / "runs" / "runs.md").read_text(encoding="utf-8").split("\n\n")[1]},
-        "logs.json": logs(paths),
+        "logs.json": logs(cfg),
         "error_examples.json": error_examples(),
     }
     bench = paths["bench"] / "bench.json"

@@ -32,7 +32,7 @@ import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-from lib.config import log_config, resolve_config, stage_parser, stage_paths
+from lib.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage, set_interrupt_note
 from lib.files import atomic_path, human_bytes, sha256_file, write_bytes_atomic, write_json_atomic
 
@@ -544,4 +544,4 @@ def main(cfg):
 
 if __name__ == "__main__":
     config = resolve_config(build_parser(), "download", validate=validate)
-    run_stage(main, config, log_file=stage_paths(config)["raw"] / "download.log")
+    run_stage(main, config, log_file=stage_log(config, "download"))

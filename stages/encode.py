@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.config import log_config, resolve_config, stage_parser, stage_paths
+from lib.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage
 from lib.files import (atomic_path, human_bytes, inject_disk_full_fault, read_json, sha256_file, write_json_atomic,
                        write_text_atomic)
@@ -39,13 +39,14 @@ def check_tokenizer(cfg: dict, stamp: Path) -> None:
     rebuilt, and training after them. Otherwise STAMP is left alone, older than the token files."""
     paths = stage_paths(cfg)
     model, out = paths["tokenizer"] / "spm.model", paths["encoded"]
+    model_sha256 = sha256_file(model) if model.exists() else None
     stale = []
     for split in ("train", "val"):
         try:
             meta = json.loads((out / f"{split}.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # no token file yet: make builds it anyway
-        if model.exists() and meta.get("tokenizer_sha256") != sha256_file(model):
+        if model_sha256 and meta.get("tokenizer_sha256") != model_sha256:
             stale.append(f"{split}.npy (another tokenizer than {model})")
         source = paths["prepared"] / f"{split}.txt"
         if source.exists() and meta.get("source_sha256") != sha256_file(source):
@@ -148,4 +149,4 @@ def main(cfg):
 if __name__ == "__main__":
     config = resolve_config(build_parser(), "encode")
     run_stage(main, config, report_time=not config["check_tokenizer"],
-              log_file=None if config["check_tokenizer"] else stage_paths(config)["encoded"] / "encode.log")
+              log_file=None if config["check_tokenizer"] else stage_log(config, "encode"))

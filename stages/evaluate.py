@@ -22,7 +22,7 @@ from contextlib import nullcontext
 import time
 from pathlib import Path
 
-from lib.config import log_config, resolve_config, stage_parser, stage_paths
+from lib.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
 from lib.errors import log, run_stage
 from lib.files import atomic_path, read_json, write_json_atomic, write_text_atomic
 from lib.language import corpus_prompts, identify_language, words
@@ -258,4 +258,4 @@ def main(cfg):
 
 if __name__ == "__main__":
     config = resolve_config(build_parser(), "evaluate", validate=validate)
-    run_stage(main, config, log_file=stage_paths(config)["eval"] / "evaluate.log")
+    run_stage(main, config, log_file=stage_log(config, "evaluate"))

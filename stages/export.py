@@ -30,7 +30,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from lib.config import check_positive, log_config, public, resolve_config, stage_parser, stage_paths
+from lib.config import check_positive, log_config, public, resolve_config, stage_log, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage, set_interrupt_note
 from lib.files import (damaged_files, file_records, lock_folder, read_json, sha256_file, write_json_atomic,
                        write_text_atomic)
@@ -257,4 +257,4 @@ if __name__ == "__main__":
                        "is gone, so `make export` rebuilds it)")
     # the proofs' and the file check's own processes keep no log: the export's does
     quiet = config["prove"] or config["check_files"]
-    run_stage(main, config, log_file=None if quiet else stage_paths(config)["export"] / "export.log")
+    run_stage(main, config, log_file=None if quiet else stage_log(config, "export"))

@@ -32,7 +32,7 @@ from lib.config import REPO_ROOT, resolve_config, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage
 from lib.files import atomic_path, read_json, write_json_atomic
 from lib.optim import lr_at
-from model.tiny_transformer import rotary_tables
+from model.tiny_transformer import next_token_probabilities, rotary_tables
 
 
 def build_parser():
@@ -223,18 +223,6 @@ def rotary(plt, train_cfg: dict, out: Path) -> None:
     save(fig, out / "rotary.png")
 
 
-def filtered_probabilities(logits, temperature: float, top_k: int, top_p: float):
-    """The distribution `sample_next` (model/tiny_transformer.py) draws from, as a vector."""
-    logits = logits / temperature
-    if top_k and top_k < logits.numel():
-        logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[-1], float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        logits = logits.scatter(0, order[probs.cumsum(-1) - probs > top_p], float("-inf"))
-    return torch.softmax(logits, dim=-1)
-
-
 @torch.no_grad()
 def sampling(plt, model, sp, prompt: str, gen_cfg: dict, out: Path) -> dict:
     ids = [sp.bos_id()] + sp.encode(prompt)
@@ -255,7 +243,7 @@ def sampling(plt, model, sp, prompt: str, gen_cfg: dict, out: Path) -> dict:
         if setting is None:
             probs[int(base.argmax())] = 1.0
         else:
-            probs = filtered_probabilities(logits, *setting)
+            probs = next_token_probabilities(logits, *setting)
         kept = int((probs > 0).sum())
         ax.barh(range(len(order)), probs[order].numpy(), color="tab:blue")
         ax.set_yticks(range(len(order)), labels, fontsize=7)

@@ -20,7 +20,7 @@ import time
 import unicodedata
 from pathlib import Path
 
-from lib.config import log_config, resolve_config, stage_parser, stage_paths
+from lib.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage
 from lib.files import human_bytes, write_json_atomic, write_text_atomic
 
@@ -176,4 +176,4 @@ def main(cfg):
 
 if __name__ == "__main__":
     config = resolve_config(build_parser(), "prepare", validate=validate)
-    run_stage(main, config, log_file=stage_paths(config)["prepared"] / "prepare.log")
+    run_stage(main, config, log_file=stage_log(config, "prepare"))

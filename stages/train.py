@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from lib.batches import epoch_windows, get_batch, load_training_data, loss_sum
 from lib.checkpoints import checkpoint_bytes, rng_state, save_checkpoint
-from lib.config import check_positive, log_config, public, resolve_config, stage_parser, stage_paths
+from lib.config import check_positive, log_config, public, resolve_config, stage_log, stage_parser, stage_paths
 from lib.distributed import World, join, launch_ranks, launched_by_torchrun, lost_peer, report_stop_to_launcher
 from lib.errors import EXIT_SIGINT, EXIT_SIGTERM, PipelineError, append_log_to, log, run_stage, silence_log
 from lib.faults import StopRequest, inject_fault
@@ -433,7 +433,7 @@ def train(run: Run, world: World) -> None:
         return
     if world.is_main:
         run.dir.mkdir(parents=True, exist_ok=True)
-        append_log_to(run.dir / "train.log")  # the run's own log: kept across resumes, moved with the run
+        append_log_to(stage_log(run.cfg, "train"))  # the run's own log: kept across resumes, moved with the run
     state = restore(run, ckpt)
     if world.is_main:
         write_json_atomic(run.dir / "run.json", {"fingerprint": run.fingerprint, "identity": run.identity,

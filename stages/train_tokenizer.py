@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lib.config import log_config, resolve_config, stage_parser, stage_paths
+from lib.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage
 from lib.files import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
 
@@ -152,4 +152,4 @@ def main(cfg):
 
 if __name__ == "__main__":
     config = resolve_config(build_parser(), "tokenizer", validate=validate)
-    run_stage(main, config, log_file=stage_paths(config)["tokenizer"] / "train_tokenizer.log")
+    run_stage(main, config, log_file=stage_log(config, "tokenizer"))

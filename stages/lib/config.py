@@ -228,6 +228,19 @@ def stage_paths(cfg: dict) -> dict[str, Path]:
     }
 
 
+# Each stage's log, beside its outputs: the whole log of its last successful run (training's grows as it
+# runs, across resumes, in the run folder, and moves with the run).
+STAGE_LOGS = {"download": ("raw", "download.log"), "prepare": ("prepared", "prepare.log"),
+              "tokenizer": ("tokenizer", "train_tokenizer.log"), "encode": ("encoded", "encode.log"),
+              "train": ("checkpoints", "train.log"), "evaluate": ("eval", "evaluate.log"),
+              "export": ("export", "export.log")}
+
+
+def stage_log(cfg: dict, stage: str) -> Path:
+    folder, name = STAGE_LOGS[stage]
+    return stage_paths(cfg)[folder] / name
+
+
 def checkpoint_path(cfg: dict) -> Path:
     """--checkpoint / CHECKPOINT: a file name in artifacts/checkpoints/, or any path."""
     given = Path(cfg["checkpoint"])
