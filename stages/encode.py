@@ -35,7 +35,7 @@ def build_parser():
 def check_tokenizer(cfg: dict, stamp: Path) -> None:
     """--check-tokenizer STAMP (run by make before it decides). Make compares times, which cannot tell two
     tokenizers apart (a copied or restored spm.model is older than the token files): when a sidecar names
-    another tokenizer or another text than the current ones, STAMP is rewritten, so the token files are
+    another tokenizer or another text than the current ones, or cannot be read, STAMP is rewritten, so the token files are
     rebuilt, and training after them. Otherwise STAMP is left alone, older than the token files."""
     paths = stage_paths(cfg)
     model, out = paths["tokenizer"] / "spm.model", paths["encoded"]
@@ -44,8 +44,13 @@ def check_tokenizer(cfg: dict, stamp: Path) -> None:
     for split in ("train", "val"):
         try:
             meta = json.loads((out / f"{split}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except FileNotFoundError:
             continue  # no token file yet: make builds it anyway
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict):  # a damaged sidecar: make would call it up to date by its time
+            stale.append(f"{split}.json (unreadable)")
+            continue
         if model_sha256 and meta.get("tokenizer_sha256") != model_sha256:
             stale.append(f"{split}.npy (another tokenizer than {model})")
         source = paths["prepared"] / f"{split}.txt"

@@ -229,3 +229,8 @@ def test_a_restored_older_tokenizer_is_caught_and_its_token_files_rebuilt(projec
     assert sidecar["vocab_size"] == 310 and sidecar["tokenizer_sha256"] == json.loads(
         (backup / "tokenizer.json").read_text())["model_sha256"]
     assert ran(make(proj, "encode", *tiny, "VOCAB_SIZE=310").stdout) == [], "checked once, nothing is stale now"
+
+    (proj / "data" / "encoded" / "val.json").write_text("{")  # damaged, yet newer than everything it depends on
+    damaged = make(proj, "encode", *tiny, "VOCAB_SIZE=310")
+    assert "val.json (unreadable)" in damaged.stdout and ran(damaged.stdout) == ["encode.py"]
+    assert json.loads((proj / "data" / "encoded" / "val.json").read_text())["vocab_size"] == 310
