@@ -89,7 +89,9 @@ FLAGS_tokenizer = $(call flag,--vocab-size,VOCAB_SIZE)
 FLAGS_encode    =
 FLAGS_train     = $(call flag,--learning-rate,LR) $(call flag,--epochs,EPOCHS) $(call flag,--batch-size,BATCH_SIZE) \
                   $(call flag,--max-seq-length,SEQ_LEN) $(call flag,--warmup-steps,WARMUP) \
-                  $(call flag,--min-lr-ratio,MIN_LR_RATIO) $(call flag,--dropout,DROPOUT) $(call flag,--input-noise,INPUT_NOISE) \
+                  $(call flag,--min-lr-ratio,MIN_LR_RATIO) $(call flag,--lr-schedule,LR_SCHEDULE) \
+                  $(call flag,--optimizer,OPTIMIZER) $(call flag,--muon-lr-scale,MUON_LR_SCALE) \
+                  $(call flag,--dropout,DROPOUT) $(call flag,--input-noise,INPUT_NOISE) \
                   $(call flag,--weight-decay,WEIGHT_DECAY) $(call flag,--grad-clip,GRAD_CLIP) \
                   $(call flag,--seed,SEED) $(call flag,--n-layers,N_LAYERS) $(call flag,--d-model,D_MODEL) \
                   $(call flag,--n-heads,N_HEADS) $(call flag,--positions,POSITIONS) $(call flag,--activation,ACTIVATION) \

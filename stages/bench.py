@@ -3,6 +3,7 @@
     make bench
     python stages/bench.py [--steps 30] [--guard-epochs 3] [--skip-pipeline]
     python stages/bench.py --processes 2     # instead: one process against torchrun processes
+    python stages/bench.py --compare "optimizer=muon max_seq_length=256 batch_size=32"   # instead: two settings
 
 In one run, on this machine:
 1. matmul peak: GFLOP/s of large fp32 and bf16 matrix products (all threads);
@@ -15,6 +16,11 @@ In one run, on this machine:
    the data (the downloaded corpus and wheel are reused, the torch.compile cache is
    empty), with the default settings.
 Needs the encoded data and tokenizer of a previous `make all` (or `make encode`).
+
+--compare "KEY=VALUE ..." measures instead the training step of the defaults and of
+the defaults with those train settings changed, side by side: --rounds rounds, each
+timing both in turn (in alternating order), so that a slower machine shows in both;
+it prints every round and the median ratio (artifacts/bench/compare.json).
 
 --processes N measures instead the default training step in one process with every
 core against N torchrun processes with cores / N threads each (DDP, gloo), on the same
@@ -202,6 +208,37 @@ def load_inputs(args) -> tuple[dict, dict, int, np.ndarray]:
     return paths, train_cfg, vocab, np.load(paths["encoded"] / "train.npy", mmap_mode="r")
 
 
+def compare_settings(args) -> None:
+    """--compare: tokens/s of the default training step and of a changed one, alternating, on this machine."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    keep_freed_memory()
+    paths, train_cfg, vocab, tokens = load_inputs(args)
+    changes = {}
+    for part in args.compare.split():
+        key, _, value = part.partition("=")
+        if key not in train_cfg or not value:
+            raise SystemExit(f"error: --compare {part!r}: expected KEY=VALUE with a key of the train section")
+        default = train_cfg[key]
+        changes[key] = (value.lower() in ("1", "true", "yes") if isinstance(default, bool)
+                        else value if isinstance(default, str) else type(default)(value))
+    settings = {"defaults": train_cfg, args.compare: {**train_cfg, **changes}}
+    dtype = resolve_dtype({"dtype": train_cfg["dtype"], "device": "cpu"})
+    print(f"training step tokens/s, {args.steps} steps each, {args.rounds} rounds, {str(dtype).replace('torch.', '')}, "
+          f"{torch.get_num_threads()} threads:", flush=True)
+    rounds = []
+    for r in range(args.rounds):
+        order = list(settings) if r % 2 == 0 else list(reversed(settings))
+        speeds = {name: step_throughput(settings[name], vocab, tokens, dtype, settings[name]["loss_chunk_tokens"],
+                                        args.steps)[0] for name in order}
+        rounds.append(speeds)
+        print("  " + "  ".join(f"{name}: {speed / 1000:5.1f}K" for name, speed in speeds.items())
+              + f"  ratio {speeds[args.compare] / speeds['defaults']:.3f}", flush=True)
+    ratio = float(np.median([r[args.compare] / r["defaults"] for r in rounds]))
+    print(f"median ratio ({args.compare} / defaults): {ratio:.3f}", flush=True)
+    write_json_atomic(paths["bench"] / "compare.json", {"changes": changes, "rounds": rounds, "median_ratio": ratio,
+                                                         "dtype": str(dtype), "threads": torch.get_num_threads()})
+
+
 def process_worker(args) -> None:
     """One of the torchrun processes of --processes: times DDP steps with and without the gradient exchange."""
     from torch.nn.parallel import DistributedDataParallel
@@ -274,7 +311,12 @@ def main():
     parser.add_argument("--processes", type=int, default=0,
                         help="instead: one process against N torchrun processes (tokens/s, all-reduce share)")
     parser.add_argument("--process-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compare", type=str, default="",
+                        help="instead: the default step against one with these train settings, e.g. 'optimizer=muon'")
+    parser.add_argument("--rounds", type=int, default=5, help="--compare: alternating rounds")
     args = parser.parse_args()
+    if args.compare:
+        return compare_settings(args)
     if args.process_worker:
         return process_worker(args)
     if args.processes:

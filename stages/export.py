@@ -221,6 +221,12 @@ def main(cfg):
     log_config(cfg)
     paths = stage_paths(cfg)
     checkpoint, model, payload, sp = load_trained(cfg, paths)
+    options = [name for name, on in (("QK_NORM", model.cfg.qk_norm), ("LOGIT_SOFTCAP", model.cfg.logit_softcap > 0)) if on]
+    if options:
+        raise PipelineError(f"{checkpoint} was trained with {' and '.join(options)}, which the transformers "
+                            f"architectures this export maps onto (GPT-2, GPT-NeoX) do not have",
+                            "export a run trained without them (the defaults); the checkpoint itself runs with "
+                            "`make generate` and `make evaluate`")
     log(f"exporting {checkpoint} (epoch {payload.get('epoch')}, {model.num_parameters():,} parameters)")
     export_dir = paths["export"]
     lock = lock_export(export_dir)

@@ -7,8 +7,13 @@ Every combination of the grid is one `stages/train.py` run with those flags, in 
 own folder artifacts/sweep/RUN/ (the tokenizer and token files are shared, never
 rebuilt). The table (results.md, results.json) gives per setting: final and best
 validation loss, the largest eval-mode gap (val - train) over all epochs, final
-train loss and wall time. A finished run is reused, so an interrupted sweep resumes.
-Runs one after another: timings stay comparable.
+train loss, training speed and wall time. A finished run is reused, so an interrupted
+sweep resumes. Runs one after another: timings stay comparable.
+
+    python stages/sweep.py --to-docs quality --title "..." --how "..."
+
+writes the rows of results.json to docs/data/experiments/quality.json (with the date,
+commit and machine), the file the experiments page's tables are drawn from.
 """
 
 from __future__ import annotations
@@ -42,12 +47,19 @@ def run_name(setting: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", required=True, help='space-separated key=v1,v2 (train.py flag names with _)')
+    parser.add_argument("--grid", help='space-separated key=v1,v2 (train.py flag names with _)')
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--artifacts-dir", default="artifacts")
     parser.add_argument("--extra", default="", help="more train.py flags for every run, e.g. '--seed 2'")
+    parser.add_argument("--to-docs", metavar="NAME", help="write the finished runs' rows to docs/data/experiments/NAME.json")
+    parser.add_argument("--title", default="", help="--to-docs: the table's title")
+    parser.add_argument("--how", default="", help="--to-docs: how the runs were made (one sentence)")
     args = parser.parse_args()
+    if args.to_docs:
+        return write_docs_table(Path(args.artifacts_dir) / "sweep", args)
+    if not args.grid:
+        parser.error("--grid is required (or --to-docs)")
 
     paths = stage_paths({"data_dir": args.data_dir, "artifacts_dir": args.artifacts_dir})
     sweep_dir = Path(args.artifacts_dir) / "sweep"
@@ -74,7 +86,8 @@ def main():
                "best_epoch": min(epochs, key=lambda e: e["val_loss"])["epoch"],
                "max_gap": max(e["gap"] for e in epochs), "final_train": epochs[-1]["train_loss"],
                "final_train_eval": epochs[-1]["train_loss_eval"], "wall_s": epochs[-1]["elapsed_s"],
-               "sweep_seconds": time.perf_counter() - start}
+               "tokens_per_s": sum(e["tokens_per_s"] for e in epochs) / len(epochs),
+               "extra": args.extra, "sweep_seconds": time.perf_counter() - start}
         rows.append(row)
         print(f"[sweep] {name}: final val {row['final_val']:.3f}, best {row['best_val']:.3f} (epoch {row['best_epoch']}), "
               f"max gap {row['max_gap']:+.3f}, {row['wall_s']:.0f}s", flush=True)
@@ -88,6 +101,38 @@ def main():
               f"{r['final_train']:.3f} | {r['wall_s']:.0f} |" for r in table]
     write_text_atomic(sweep_dir / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def write_docs_table(sweep_dir: Path, args) -> None:
+    """docs/data/experiments/NAME.json from the sweep's results, each run's speed from its history, with provenance."""
+    sys.path.insert(0, str(REPO_ROOT / "stages"))
+    from docs_snapshot import machine
+
+    if not (sweep_dir / "results.json").exists():
+        raise SystemExit(f"error: no sweep results in {sweep_dir}: run `make sweep SWEEP=...` first")
+    rows = []
+    for r in json.loads((sweep_dir / "results.json").read_text()):
+        if "tokens_per_s" not in r:  # rows of sweeps older than the speed column
+            epochs = json.loads((sweep_dir / r["name"] / "checkpoints" / "history.json").read_text())["epochs"]
+            r["tokens_per_s"] = sum(e["tokens_per_s"] for e in epochs) / len(epochs)
+        flags = [f"{k}={v}" for k, v in r["setting"].items()] + [r.get("extra", "")]
+        rows.append({"setting": " ".join(f for f in flags if f).replace("--", "") or "defaults",
+                     "final val loss": round(r["final_val"], 4), "best val loss": round(r["best_val"], 4),
+                     "max gap": round(r["max_gap"], 4), "tok/s": round(r["tokens_per_s"]),
+                     "val ≤ 3.95 at gap ≤ 0.45": "yes" if r["final_val"] <= 3.95 and r["max_gap"] <= 0.45 else "no"})
+    cpu = machine()
+    commit = subprocess.run(["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h"], capture_output=True,
+                            text=True).stdout.strip()
+    table = {"title": args.title, "measured": time.strftime("%Y-%m-%d"), "code": commit or "unknown",
+             "machine": f"{cpu['cores']} cores of an {cpu['cpu']} ({'bf16 autocast' if cpu['native_bf16'] else 'float32'}"
+                        f", PyTorch {cpu['torch']})",
+             "how": args.how, "command": "make sweep SWEEP=\"...\" (each row's setting); python stages/sweep.py --to-docs "
+                                        + args.to_docs,
+             "columns": ["setting", "final val loss", "best val loss", "max gap", "tok/s", "val ≤ 3.95 at gap ≤ 0.45"],
+             "rows": sorted(rows, key=lambda r: r["final val loss"])}
+    out = REPO_ROOT / "docs" / "data" / "experiments" / f"{args.to_docs}.json"
+    write_json_atomic(out, table)
+    print(f"[sweep] {len(rows)} runs -> {out}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@
 Reads data/encoded/{train,val}.npy memory-mapped (checked against the tokenizer).
 An epoch is one pass over every training token in non-overlapping windows of
 max_seq_length, in an order shuffled per epoch by a seeded generator (lib/batches.py).
-AdamW, linear warmup then cosine decay, gradient clipping
-(lib/optim.py). After every epoch: validation over the whole validation split, the
+AdamW (or Muon on the blocks' matrices), linear warmup then cosine or
+warmup-stable-decay, gradient clipping (lib/optim.py). After every epoch: validation over the whole validation split, the
 eval-mode loss on a fixed training slice of the same size (the overfitting gap is
 measured against that), one summary line, history.json and metrics.jsonl.
 Checkpoints: last.pt every epoch, epoch_NNN.pt every --checkpoint-every epochs,
@@ -57,7 +57,7 @@ from lib.faults import StopRequest, inject_fault
 from lib.files import human_bytes, write_json_atomic, write_text_atomic
 from lib.hardware import keep_freed_memory, resolve_device, resolve_dtype
 from lib.memory import check_memory, smaller_batch_hint
-from lib.optim import LossModule, lr_at, make_optimizer, train_step
+from lib.optim import LossModule, lr_at, make_optimizer, set_learning_rate, train_step
 from lib.regularisation import dropout_setting, noise_inputs, resolve_dropout
 from lib.runs import acquire_lock, choose_start, fingerprint, resume_command, run_identity
 from lib.samples import generate_samples, sample_prompts
@@ -77,13 +77,24 @@ def build_parser():
     a("--rotary-base", type=float, default=None, help="base of the rotation frequencies")
     a("--rotary-fraction", type=float, default=None, help="share of each head's dimensions that rotate")
     a("--activation", type=str, default=None, choices=["gelu", "relu", "relu2"], help="MLP activation; relu2 = squared ReLU")
+    a("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
+      help="RMS-normalise queries and keys per head (an option: the export refuses it)")
+    a("--logit-softcap", type=float, default=None, help="> 0: logits = cap * tanh(logits / cap) (an option: the export refuses it)")
     a("--dropout", type=dropout_setting, default=None,
       help="on embeddings and residual branches; 'auto' = 0.1, more for a training split under 650K tokens")
     a("--input-noise", type=float, default=None,
       help="share of input tokens replaced by random tokens of the training text (targets stay clean)")
     a("--max-seq-length", type=int, default=None, help="tokens per window; the model's context")
     a("--learning-rate", type=float, default=None, help="peak learning rate after warmup")
-    a("--min-lr-ratio", type=float, default=None, help="cosine floor as a fraction of the peak")
+    a("--min-lr-ratio", type=float, default=None, help="the schedule's floor as a fraction of the peak")
+    a("--lr-schedule", type=str, default=None, choices=["cosine", "wsd"],
+      help="after the warmup: cosine decay, or wsd (the peak held, then a linear decay over the last --decay-fraction)")
+    a("--decay-fraction", type=float, default=None, help="wsd: share of the steps after the warmup spent decaying")
+    a("--optimizer", type=str, default=None, choices=["adamw", "muon"],
+      help="adamw; muon: Muon on the blocks' matrices, AdamW on embeddings, norms and biases")
+    a("--muon-lr-scale", type=float, default=None, help="muon: its rate as a multiple of the scheduled rate")
+    a("--muon-momentum", type=float, default=None)
+    a("--muon-weight-decay", type=float, default=None)
     a("--warmup-steps", type=int, default=None)
     a("--weight-decay", type=float, default=None)
     a("--beta1", type=float, default=None)
@@ -121,7 +132,7 @@ def validate(cfg):
                          "epochs", "checkpoint_every", "sample_every", "sample_tokens", "nproc", "nnodes",
                          "master_port"], errors)
     check_positive(cfg, ["warmup_steps", "weight_decay", "grad_clip", "threads", "max_memory_gb", "loss_chunk_tokens",
-                         "node_rank"], errors, allow_zero=True)
+                         "node_rank", "muon_lr_scale", "muon_weight_decay", "logit_softcap"], errors, allow_zero=True)
     if cfg["d_model"] > 0 and cfg["n_heads"] > 0 and cfg["d_model"] % cfg["n_heads"]:
         errors.append(f"d_model ({cfg['d_model']}) must be divisible by n_heads ({cfg['n_heads']})")
     if cfg["dropout"] != "auto" and not 0 <= cfg["dropout"] < 1:
@@ -133,7 +144,9 @@ def validate(cfg):
                       f"{cfg['rotary_base']}")
     if not 0 <= cfg["min_lr_ratio"] <= 1:
         errors.append(f"min_lr_ratio (--min-lr-ratio) must be within [0, 1], got {cfg['min_lr_ratio']}")
-    for key in ("beta1", "beta2"):
+    if not 0 < cfg["decay_fraction"] <= 1:
+        errors.append(f"decay_fraction (--decay-fraction) must be within (0, 1], got {cfg['decay_fraction']}")
+    for key in ("beta1", "beta2", "muon_momentum"):
         if not 0 <= cfg[key] < 1:
             errors.append(f"{key} (--{key}) must be within [0, 1), got {cfg[key]}")
     if cfg["max_seq_length"] > 8192:
@@ -166,7 +179,8 @@ def setup(cfg: dict, world: World) -> Run:
         reseed_rank(cfg["seed"], world.rank)  # the same initial weights; its own dropout and noise draws
     n_params = model.num_parameters()
     log(f"model: {n_params:,} parameters ({mcfg.n_layers} layers, d_model {mcfg.d_model}, {mcfg.n_heads} heads, "
-        f"vocab {mcfg.vocab_size}, context {T}, {mcfg.positions} positions, {mcfg.activation}); device {device}, "
+        f"vocab {mcfg.vocab_size}, context {T}, {mcfg.positions} positions, {mcfg.activation}"
+        f"{', QK norm' if mcfg.qk_norm else ''}{f', logit cap {mcfg.logit_softcap:g}' if mcfg.logit_softcap else ''}); device {device}, "
         f"{'bf16 autocast' if amp_dtype == torch.bfloat16 else 'float32'}, compile {'on' if cfg['compile'] else 'off'}")
     check_memory(cfg, n_params, mcfg.vocab_size)
     optimizer = make_optimizer(model, cfg, device)
@@ -259,8 +273,7 @@ def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dic
             bar.close()
             save_and_exit(run, state, epoch, b, stop.signum or (signal.SIGTERM if stop_asked >= 1000 else signal.SIGINT))
         lr = lr_at(state.step, cfg, run.total_steps)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(run.optimizer, lr)
         windows, weight = run.world.share(batches[b])
         x, y = get_batch(run.data.train_tokens, windows, T, run.device)
         x = noise_inputs(x, run.data.train_tokens, cfg["input_noise"])

@@ -210,3 +210,31 @@ def test_hand_written_backward_passes_match_autograd():
     h = torch.randn(40, dtype=torch.double)
     h = (h + 0.1 * h.sign()).requires_grad_()  # away from the kink at 0, where the gradcheck's finite differences break
     assert torch.autograd.gradcheck(_SquaredReLUFunction.apply, (h,))
+
+
+def test_measured_options_qk_norm_and_logit_softcap_keep_the_size_cache_and_chunked_gradients():
+    """The quality issue's options: no parameters added, the KV cache still equals recomputation, the chunked
+    loss (its own softcap backward) equals autograd through the full logits, and the cap bounds the logits."""
+    for options in ({"qk_norm": True}, {"logit_softcap": 2.0}, {"qk_norm": True, "positions": "learned"}):
+        cfg = ModelConfig(vocab_size=300, n_layers=2, d_model=32, n_heads=2, max_seq_length=24,
+                          **{**ROTARY, **options})
+        model = make_model(cfg=cfg)
+        assert model.num_parameters() == make_model(cfg=ModelConfig(**{**cfg.to_dict(), "qk_norm": False,
+                                                                       "logit_softcap": 0.0})).num_parameters()
+        prompt = [2, 17, 42, 99]
+        assert list(model.generate(prompt, 30, temperature=0)) == list(model.generate(prompt, 30, temperature=0,
+                                                                                       use_cache=False))
+        x = torch.randint(0, 300, (4, 21))
+        results = []
+        for chunk in (0, 7):
+            model = make_model(cfg=cfg).train()
+            loss = model.loss(x[:, :-1], x[:, 1:], chunk_tokens=chunk)
+            loss.backward()
+            results.append((loss.item(), model.wte.weight.grad.clone(), model.h[0].attn.c_attn.weight.grad.clone()))
+        assert abs(results[0][0] - results[1][0]) < 1e-5
+        assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+        assert torch.allclose(results[0][2], results[1][2], atol=1e-6)
+        if "logit_softcap" in options:
+            with torch.no_grad():
+                model.wte.weight.mul_(100)  # raw logits far beyond the cap
+                assert model(x)[0].abs().max() <= 2.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -88,6 +90,49 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(1e-4)
     assert lrs[60] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 50 / 99)))
+
+
+def test_wsd_schedule_holds_the_peak_then_decays_linearly_to_the_floor():
+    from lib.optim import lr_at
+    cfg = {"learning_rate": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 10, "lr_schedule": "wsd", "decay_fraction": 0.2}
+    lrs = [lr_at(s, cfg, 110) for s in range(110)]
+    assert lrs[9] == pytest.approx(1e-3) and lrs[89] == pytest.approx(1e-3)  # stable until the last 20 of 100 steps
+    assert lrs[90] < 1e-3 and all(a > b for a, b in zip(lrs[90:], lrs[91:]))
+    assert lrs[-1] == pytest.approx(1e-4)
+    assert lrs[99] == pytest.approx(1e-3 - 9e-4 * 10 / 20)
+
+
+def test_muon_moves_the_block_matrices_and_resumes_from_its_state_dict():
+    from lib.optim import make_optimizer, set_learning_rate, train_step
+    from model import ModelConfig, TinyTransformer
+    cfg = {"learning_rate": 1e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "optimizer": "muon",
+           "muon_lr_scale": 3.0, "muon_momentum": 0.95, "muon_weight_decay": 0.1}
+    torch.manual_seed(0)
+    model = TinyTransformer(ModelConfig(vocab_size=300, d_model=32, n_heads=2, max_seq_length=16, positions="rotary"))
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    muon_params = {id(p) for p in optimizer.muon.param_groups[0]["params"]}
+    assert {n for n, p in model.named_parameters() if id(p) in muon_params} == {
+        f"h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    set_learning_rate(optimizer, 1e-3)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([3e-3, 1e-3, 1e-3])
+    x, y = torch.randint(0, 300, (2, 3, 16)), torch.randint(0, 300, (2, 3, 16))
+    def step(m, o, i):
+        train_step(m, o, x[i], y[i], contextlib.nullcontext, m.loss, grad_clip=1.0)
+
+    step(model, optimizer, 0)
+    # a copy restored from a saved state takes the same next step as the original
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, saved)
+    saved.seek(0)
+    saved = torch.load(saved, weights_only=True)
+    assert set(saved["optimizer"]) == {"muon", "adamw"}
+    twin = TinyTransformer(model.cfg)
+    twin.load_state_dict(saved["model"])
+    twin_optimizer = make_optimizer(twin, cfg, torch.device("cpu"))
+    twin_optimizer.load_state_dict(saved["optimizer"])
+    for m, o in ((model, optimizer), (twin, twin_optimizer)):
+        step(m, o, 1)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
 
 
 def test_input_noise_swaps_about_the_rate_for_tokens_of_the_text_and_leaves_the_batch_alone():

@@ -45,7 +45,7 @@ class CachedStep(torch.nn.Module):
             attention = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
             x = x + block.attn.c_proj((attention @ v).transpose(1, 2).reshape(1, new, width))
             x = x + block.mlp.c_proj(block.mlp.activation(block.mlp.c_fc(block.ln_2(x))))
-        logits = m.ln_f(x[:, -1]) @ m.wte.weight.T
+        logits = m.output_logits(m.ln_f(x[:, -1]))
         return logits, torch.stack(keys), torch.stack(values)
 
 

@@ -112,7 +112,7 @@ def training_checkpoint(run: Run, state: Progress, kind: str, epoch: int, positi
     """
     return model_checkpoint(
         run, state, kind, epoch, position=position, history=state.history, optimizer=run.optimizer.state_dict(),
-        scheduler={"kind": "warmup-cosine", "step": state.step, "total_steps": run.total_steps,
+        scheduler={"kind": "warmup-" + run.cfg["lr_schedule"], "decay_fraction": run.cfg["decay_fraction"], "step": state.step, "total_steps": run.total_steps,
                    "warmup_steps": run.cfg["warmup_steps"], "min_lr_ratio": run.cfg["min_lr_ratio"]},
         running_loss_sum=state.running_sum, running_loss_count=state.running_count, rng=rng_by_rank[0],
         rng_by_rank=rng_by_rank, world_size=len(rng_by_rank))
