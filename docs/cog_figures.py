@@ -180,6 +180,32 @@ def row(name: str, **match) -> dict:
     return found[0]
 
 
+def setting_of(table_row: dict) -> dict:
+    """A sweep row's setting ("key=value key=value", train.py's keys) as a dict."""
+    return dict(part.split("=", 1) for part in table_row["setting"].split())
+
+
+def same_value(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def sweep_row(name: str, **match) -> dict:
+    """The one row of a sweep table (stages/sweep.py --to-docs) whose setting is exactly `match`."""
+    found = [r for r in experiment(name)["rows"] if setting_of(r).keys() == match.keys()
+             and all(same_value(setting_of(r)[k], v) for k, v in match.items())]
+    if len(found) != 1:
+        raise LookupError(f"{name}: {len(found)} rows have the setting {match}")
+    return found[0]
+
+
+def is_default(table_row: dict) -> bool:
+    """Whether every key of a sweep row's setting has today's default value (the adopted row)."""
+    return all(same_value(params("train").get(k), v) for k, v in setting_of(table_row).items())
+
+
 # ----------------------------------------------------------------------------- the code, run
 
 

@@ -15,7 +15,7 @@ Reads (each written by a stage of the default run): data/raw/corpus.json, the st
 .log files, data/prepared/stats.json, data/encoded/*.json, artifacts/tokenizer/tokenizer.json,
 artifacts/checkpoints/{history,config,train_done}.json, every kept run (make runs),
 artifacts/eval/report.json, artifacts/export/export.json, and artifacts/bench/bench.json
-when `make bench` was run.
+(compare.json) when `make bench` (`stages/bench.py --compare`) was run.
 """
 
 from __future__ import annotations
@@ -182,10 +182,11 @@ def main(cfg):
         "logs.json": logs(cfg),
         "error_examples.json": error_examples(),
     }
-    bench = paths["bench"] / "bench.json"
-    if bench.exists():
-        made = datetime.date.fromtimestamp(bench.stat().st_mtime).isoformat()
-        snapshot["bench.json"] = {**read(bench), "made": made}
+    for name in ("bench.json", "compare.json"):
+        bench = paths["bench"] / name
+        if bench.exists():
+            made = datetime.date.fromtimestamp(bench.stat().st_mtime).isoformat()
+            snapshot[name] = {**read(bench), "made": made}
     out.mkdir(parents=True, exist_ok=True)
     for stale in set(p.name for p in out.glob("*.json")) - set(snapshot):
         (out / stale).unlink()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -115,8 +116,10 @@ def write_docs_table(sweep_dir: Path, args) -> None:
         if "tokens_per_s" not in r:  # rows of sweeps older than the speed column
             epochs = json.loads((sweep_dir / r["name"] / "checkpoints" / "history.json").read_text())["epochs"]
             r["tokens_per_s"] = sum(e["tokens_per_s"] for e in epochs) / len(epochs)
-        flags = [f"{k}={v}" for k, v in r["setting"].items()] + [r.get("extra", "")]
-        rows.append({"setting": " ".join(f for f in flags if f).replace("--", "") or "defaults",
+        # the thread count is the same for every row and said in --how; other extra flags are part of the setting
+        extra = re.sub(r"--threads[ =]\d+", "", r.get("extra", "")).replace("--", "").strip()
+        flags = [f"{k}={v}" for k, v in r["setting"].items()] + [extra]
+        rows.append({"setting": " ".join(f for f in flags if f) or "defaults",
                      "final val loss": round(r["final_val"], 4), "best val loss": round(r["best_val"], 4),
                      "max gap": round(r["max_gap"], 4), "tok/s": round(r["tokens_per_s"]),
                      "val ≤ 3.95 at gap ≤ 0.45": "yes" if r["final_val"] <= 3.95 and r["max_gap"] <= 0.45 else "no"})

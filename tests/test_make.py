@@ -133,7 +133,7 @@ def test_help_shows_the_training_defaults_of_the_yaml(project):
     for variable, key in (("LR", "learning_rate"), ("EPOCHS", "epochs"), ("BATCH_SIZE", "batch_size"),
                           ("SEQ_LEN", "max_seq_length"), ("WARMUP", "warmup_steps"), ("MIN_LR_RATIO", "min_lr_ratio"),
                           ("DROPOUT", "dropout"), ("INPUT_NOISE", "input_noise"), ("WEIGHT_DECAY", "weight_decay"),
-                          ("GRAD_CLIP", "grad_clip"), ("SEED", "seed")):
+                          ("GRAD_CLIP", "grad_clip"), ("SEED", "seed"), ("MUON_LR_SCALE", "muon_lr_scale")):
         yaml_value = train[key] if train[key] == "auto" else float(train[key])
         help_value = shown[variable] if shown[variable] == "auto" else float(shown[variable])
         assert help_value == yaml_value, f"make help shows {variable}={shown[variable]}, YAML {train[key]}"
@@ -160,7 +160,7 @@ def test_experiments_evaluate_what_was_trained_and_come_back_to_the_defaults(pro
 
     other = make(proj, "train", *tiny, "LR=0.001", "EPOCHS=2")
     assert ran(other.stdout) == ["train.py"]
-    assert "params: train reruns: epochs 1 -> 2, learning_rate 0.0015 -> 0.001" in other.stdout
+    assert "params: train reruns: epochs 1 -> 2, learning_rate 0.002 -> 0.001" in other.stdout
     other_history = json.loads((ckpt / "history.json").read_text())["epochs"]
 
     evaluated = make(proj, "evaluate", *tiny)  # the tiny variables say EPOCHS=1 and no LR: no matter

@@ -238,3 +238,23 @@ def test_measured_options_qk_norm_and_logit_softcap_keep_the_size_cache_and_chun
             with torch.no_grad():
                 model.wte.weight.mul_(100)  # raw logits far beyond the cap
                 assert model(x)[0].abs().max() <= 2.0
+
+
+def test_checkpoints_of_earlier_architectures_still_load(tmp_path):
+    """A best_model.pt of the first block (no positions/activation keys) and of the rotary block (no option keys)
+    loads with load_model and computes what it computed."""
+    sys.path.insert(0, str(REPO / "stages"))
+    from lib.checkpoints import load_model
+    first = {"vocab_size": 300, "n_layers": 2, "d_model": 32, "n_heads": 4, "mlp_ratio": 4, "dropout": 0.0,
+             "max_seq_length": 24}
+    rotary = {**first, "positions": "rotary", "rotary_base": 10000.0, "rotary_fraction": 1.0, "activation": "relu2"}
+    x = torch.randint(0, 300, (1, 12))
+    for saved_config in (first, rotary):
+        model = make_model(cfg=ModelConfig(**saved_config))
+        path = tmp_path / "best_model.pt"
+        torch.save({"format": "tiny-transformer-checkpoint/1", "kind": "best", "model": model.state_dict(),
+                    "model_config": saved_config}, path)
+        loaded, _ = load_model(path)
+        assert not loaded.cfg.qk_norm and loaded.cfg.logit_softcap == 0.0
+        with torch.no_grad():
+            assert torch.equal(loaded(x)[0], model(x)[0])
