@@ -201,9 +201,19 @@ def sweep_row(name: str, **match) -> dict:
     return found[0]
 
 
-def is_default(table_row: dict) -> bool:
-    """Whether every key of a sweep row's setting has today's default value (the adopted row)."""
-    return all(same_value(params("train").get(k), v) for k, v in setting_of(table_row).items())
+def adopted_row(name: str) -> dict:
+    """The sweep row that today's defaults come from: of the rows (one seed) whose every setting has its default
+    value today, the one that names the most settings (a row naming fewer left the others at that day's defaults)."""
+    matching = [r for r in experiment(name)["rows"] if "seed" not in setting_of(r)
+                and all(same_value(params("train").get(k), v) for k, v in setting_of(r).items())]
+    return max(matching, key=lambda r: len(setting_of(r)))
+
+
+def other_seeds(name: str) -> list[dict]:
+    """The rows of the adopted setting with another seed."""
+    adopted = setting_of(adopted_row(name))
+    return [r for r in experiment(name)["rows"] if "seed" in setting_of(r)
+            and {k: v for k, v in setting_of(r).items() if k != "seed"} == adopted]
 
 
 # ----------------------------------------------------------------------------- the code, run
