@@ -63,17 +63,23 @@ def test_loss_at_initialisation_is_about_ln_vocab():
     assert abs(loss.item() - math.log(8000)) < 0.1
 
 
-def test_chunked_loss_equals_full_loss_and_gradients():
+def assert_chunked_loss_equals_full(cfg=CFG):
+    """The loss and two gradients, computed over the whole logits and 7 positions at a time, agree."""
     x = torch.randint(0, 300, (4, 21))
-    grads = []
+    results = []
     for chunk in (0, 7):
-        model = make_model().train()
+        model = make_model(cfg=cfg).train()
         loss = model.loss(x[:, :-1], x[:, 1:], chunk_tokens=chunk)
         loss.backward()
-        grads.append((loss.item(), model.wte.weight.grad.clone(), model.h[0].attn.c_attn.weight.grad.clone()))
-    assert abs(grads[0][0] - grads[1][0]) < 1e-5
-    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
-    assert torch.allclose(grads[0][2], grads[1][2], atol=1e-6)
+        results.append((loss.item(), model.wte.weight.grad.clone(), model.h[0].attn.c_attn.weight.grad.clone()))
+    assert abs(results[0][0] - results[1][0]) < 1e-5
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+    assert torch.allclose(results[0][2], results[1][2], atol=1e-6)
+    return x
+
+
+def test_chunked_loss_equals_full_loss_and_gradients():
+    assert_chunked_loss_equals_full()
 
 
 def test_forward_loss_matches_loss_method():
@@ -224,16 +230,7 @@ def test_measured_options_qk_norm_and_logit_softcap_keep_the_size_cache_and_chun
         prompt = [2, 17, 42, 99]
         assert list(model.generate(prompt, 30, temperature=0)) == list(model.generate(prompt, 30, temperature=0,
                                                                                        use_cache=False))
-        x = torch.randint(0, 300, (4, 21))
-        results = []
-        for chunk in (0, 7):
-            model = make_model(cfg=cfg).train()
-            loss = model.loss(x[:, :-1], x[:, 1:], chunk_tokens=chunk)
-            loss.backward()
-            results.append((loss.item(), model.wte.weight.grad.clone(), model.h[0].attn.c_attn.weight.grad.clone()))
-        assert abs(results[0][0] - results[1][0]) < 1e-5
-        assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
-        assert torch.allclose(results[0][2], results[1][2], atol=1e-6)
+        x = assert_chunked_loss_equals_full(cfg)
         if "logit_softcap" in options:
             with torch.no_grad():
                 model.wte.weight.mul_(100)  # raw logits far beyond the cap
