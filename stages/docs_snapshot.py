@@ -24,7 +24,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from lib.config import (NOT_RESULT_KEYS, REPO_ROOT, STAGE_LOGS, resolve_config, 
                         stage_paths)
 from lib.errors import PipelineError, log, run_stage
 from lib.files import read_json, write_json_atomic
+from lib.machine import machine
 
 # stage name -> its script; `make all` + `make export` run these with the defaults
 STAGE_SCRIPTS = {"download": "download.py", "prepare": "prepare.py", "tokenizer": "train_tokenizer.py",
@@ -89,17 +89,6 @@ def check_default_run(paths: dict, data_dir: Path, art: Path, params: dict) -> N
         raise PipelineError("the current outputs are not the default configuration's: " + "; ".join(differences),
                             f"the docs show the default run: `{REMAKE}` (a default run in the archive comes back in "
                             f"seconds)")
-
-
-def machine() -> dict:
-    from lib.hardware import cpu_has_native_bf16
-    import torch
-
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
-        platform.processor()
-    return {"cpu": model, "cores": os.cpu_count(), "native_bf16": cpu_has_native_bf16(), "torch": torch.__version__,
-            "python": platform.python_version()}
 
 
 def run_history(folder: Path) -> dict:

@@ -106,8 +106,7 @@ def main():
 
 def write_docs_table(sweep_dir: Path, args) -> None:
     """docs/data/experiments/NAME.json from the sweep's results, each run's speed from its history, with provenance."""
-    sys.path.insert(0, str(REPO_ROOT / "stages"))
-    from docs_snapshot import machine
+    from lib.machine import machine
 
     if not (sweep_dir / "results.json").exists():
         raise SystemExit(f"error: no sweep results in {sweep_dir}: run `make sweep SWEEP=...` first")
