@@ -67,7 +67,7 @@ def test_a_folder_that_cannot_hold_one_save_is_refused_before_training(encoded):
 
 def test_ctrl_c_of_two_processes_ends_like_one_and_names_the_settings(encoded, tmp_path):
     marker = tmp_path / "paused"
-    args = [*TINY_TRAIN, "--epochs", "3", "--learning-rate", "0.002", "--nproc", "2", "--dropout", "0"]
+    args = [*TINY_TRAIN, "--epochs", "3", "--learning-rate", "0.0025", "--nproc", "2", "--dropout", "0"]
     proc = start_train(encoded, *args, env={"FAULT_AT_STEP": f"5:pause={marker}", "FAULT_RANK": "0"})
     wait_for(marker)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C at the terminal does: the whole foreground group
@@ -75,7 +75,7 @@ def test_ctrl_c_of_two_processes_ends_like_one_and_names_the_settings(encoded, t
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "SignalException" not in err and "ChildFailedError" not in err, err
-    assert "resume with: python stages/train.py" in err and "--learning-rate 0.002" in err and "--nproc 2" in err
+    assert "resume with: python stages/train.py" in err and "--learning-rate 0.0025" in err and "--nproc 2" in err
     last = torch.load(encoded.artifacts / "checkpoints" / "last.pt", weights_only=True)
     assert last["world_size"] == 2 and last["step"] == 6  # the paused step finishes, then both stop
     assert not (encoded.artifacts / ".train.lock").exists()
