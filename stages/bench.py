@@ -4,6 +4,8 @@
     python stages/bench.py [--steps 30] [--guard-epochs 3] [--skip-pipeline]
     python stages/bench.py --processes 2     # instead: one process against torchrun processes
     python stages/bench.py --compare "optimizer=muon max_seq_length=256 batch_size=32"   # instead: two settings
+    python stages/bench.py --profile         # instead: where a default step's time goes, op by op
+    python stages/bench.py --nanogpt         # instead: the default step against nanoGPT's, alternating
 
 In one run, on this machine:
 1. matmul peak: GFLOP/s of large fp32 and bf16 matrix products (all threads);
@@ -21,6 +23,19 @@ Needs the encoded data and tokenizer of a previous `make all` (or `make encode`)
 the defaults with those train settings changed, side by side: --rounds rounds, each
 timing both in turn (in alternating order), so that a slower machine shows in both;
 it prints every round and the median ratio (artifacts/bench/compare.json).
+
+--profile runs instead a few default training steps under torch.profiler and
+writes, per PyTorch operator, its milliseconds per step in the forward pass (the
+chunked output layer computes its gradients there), the backward pass and the
+optimizer (clipping included), with the unprofiled step time beside them
+(artifacts/bench/profile.json; the speed page's table).
+
+--nanogpt times instead the default step against nanoGPT's step on a CPU, rebuilt
+from this repository's model in the configuration nanoGPT's train.py runs there:
+GPT-2 layout (learned positions, GELU), float32, no torch.compile, dropout 0, the
+whole logits into F.cross_entropy, PyTorch's fused attention, AdamW (foreach; fused
+is CUDA-only in nanoGPT), gradient clipping at 1.0; same batch, same shape, same
+tokens, alternating rounds (artifacts/bench/nanogpt.json).
 
 --processes N measures instead the default training step in one process with every
 core against N torchrun processes with cores / N threads each (DDP, gloo), on the same
@@ -239,6 +254,149 @@ def compare_settings(args) -> None:
                                                          "dtype": str(dtype), "threads": torch.get_num_threads()})
 
 
+def fixed_batches(tokens: np.ndarray, train_cfg: dict, count: int, seed: int = 0) -> list:
+    T, B = train_cfg["max_seq_length"], train_cfg["batch_size"]
+    starts, rng = window_starts(tokens.size, T), np.random.default_rng(seed)
+    return [get_batch(tokens, rng.choice(starts, B, replace=False), T, "cpu") for _ in range(count)]
+
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+def model_part(op: str, shapes: list, vocab: int, seq: int) -> str:
+    """Which part of the model an operator call serves, told by its operands' shapes.
+
+    Only attention multiplies batches of matrices (bmm), and only its scores are
+    seq x seq; only the output layer (and the embedding it shares) has a vocab-sized side.
+    """
+    dims = [shape for shape in shapes if isinstance(shape, list)]
+    if any(vocab in shape for shape in dims):
+        return "output layer"
+    if "bmm" in op or any(len(shape) >= 2 and shape[-2:] == [seq, seq] for shape in dims):
+        return "attention"
+    return ""
+
+
+def profile_step(args) -> None:
+    """--profile: milliseconds per step of each PyTorch operator, by phase, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    keep_freed_memory()
+    paths, cfg, vocab, tokens = load_inputs(args)
+    dtype = resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"})
+    model, optimizer, autocast = training_model(cfg, vocab, tokens, dtype)
+    loss_fn = functools.partial(model.loss, chunk_tokens=cfg["loss_chunk_tokens"])
+    batches = fixed_batches(tokens, cfg, 3 + 2 * args.steps)
+    warm, timed, profiled = batches[:3], batches[3:3 + args.steps], batches[3 + args.steps:]
+    for x, y in warm:
+        train_step(model, optimizer, x, y, autocast, loss_fn, cfg["grad_clip"])
+    start = time.perf_counter()
+    for x, y in timed:
+        train_step(model, optimizer, x, y, autocast, loss_fn, cfg["grad_clip"])[0].item()
+    step_ms = (time.perf_counter() - start) / len(timed) * 1000
+
+    # train_step's three parts, each under a label the profiler records (the same calls, in the same order)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for x, y in profiled:
+            with record_function("forward"), autocast():
+                loss = loss_fn(x, y)
+            with record_function("backward"):
+                loss.backward()
+            with record_function("optimizer"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss.item()
+    per_op: dict[str, dict[str, float]] = {}
+    for event in prof.events():
+        root = event
+        while root.cpu_parent is not None:
+            root = root.cpu_parent
+        if root.name not in PHASES:
+            continue
+        # a label's own time is what no operator inside it accounts for: Python, the autograd engine
+        part = model_part(event.name, event.input_shapes or [], vocab, cfg["max_seq_length"])
+        name = "(Python, autograd engine)" if event.name in PHASES else event.name + (f" ({part})" if part else "")
+        row = per_op.setdefault(name, dict.fromkeys(PHASES, 0.0))
+        row[root.name] += event.self_cpu_time_total / 1000 / len(profiled)
+    rows = sorted(({"op": name, **ms, "total": sum(ms.values())} for name, ms in per_op.items()),
+                  key=lambda r: -r["total"])
+    profiled_ms = sum(r["total"] for r in rows)
+    print(f"training step, batch {cfg['batch_size']} x {cfg['max_seq_length']}, {str(dtype).replace('torch.', '')}, "
+          f"{torch.get_num_threads()} threads: {step_ms:.0f} ms unprofiled, {profiled_ms:.0f} ms profiled "
+          f"({len(profiled)} steps)")
+    print(f"  {'operator':<44} {'forward':>8} {'backward':>8} {'optimizer':>9} {'share':>6}")
+    for r in rows[:args.profile_rows]:
+        print(f"  {r['op']:<44} {r['forward']:8.1f} {r['backward']:8.1f} {r['optimizer']:9.1f} "
+              f"{100 * r['total'] / profiled_ms:5.1f}%")
+    totals = {phase: sum(r[phase] for r in rows) for phase in PHASES}
+    print(f"  {'all (ms per step)':<44} " + " ".join(f"{totals[p]:8.1f}" for p in PHASES))
+    write_json_atomic(paths["bench"] / "profile.json", {
+        "batch_size": cfg["batch_size"], "max_seq_length": cfg["max_seq_length"], "dtype": str(dtype),
+        "threads": torch.get_num_threads(), "steps": len(profiled), "step_ms": step_ms, "profiled_step_ms": profiled_ms,
+        "phase_ms": totals, "flops_per_token": flops_per_token(model.cfg), "rows": rows})
+
+
+def nanogpt_config(cfg: dict) -> dict:
+    """The train settings under which this repository's training step is nanoGPT's on a CPU (see --nanogpt)."""
+    return {**cfg, "positions": "learned", "activation": "gelu", "dropout": 0.0, "optimizer": "adamw",
+            "qk_norm": False, "logit_softcap": 0.0, "dtype": "float32", "loss_chunk_tokens": 0, "grad_clip": 1.0}
+
+
+def nanogpt_throughput(cfg: dict, vocab: int, batches: list) -> float:
+    """Tokens/s of nanoGPT's CPU training step (nanogpt_config), on the given batches (the first 3: warm-up)."""
+    torch.manual_seed(0)
+    model = TinyTransformer(model_config(cfg, vocab)).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))  # foreach, as nanoGPT on a CPU
+    for i, (x, y) in enumerate(batches):
+        if i == 3:
+            start = time.perf_counter()
+        _, loss = model(x, y)  # the whole logits, F.cross_entropy
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+    return (len(batches) - 3) * batches[0][0].numel() / (time.perf_counter() - start)
+
+
+def compare_nanogpt(args) -> None:
+    """--nanogpt: the default step against nanoGPT's, same batch and tokens, alternating rounds."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    keep_freed_memory()
+    paths, cfg, vocab, tokens = load_inputs(args)
+    dtype = resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"})
+    reference = nanogpt_config(cfg)
+    batches = fixed_batches(tokens, cfg, args.steps + 3)
+    print(f"training step tokens/s, batch {cfg['batch_size']} x {cfg['max_seq_length']}, {args.steps} steps each, "
+          f"{args.rounds} rounds, {torch.get_num_threads()} threads:", flush=True)
+    rounds = []
+    for r in range(args.rounds):
+        measure = {"nanogpt": lambda: nanogpt_throughput(reference, vocab, batches),
+                   "ours": lambda: step_throughput(cfg, vocab, tokens, dtype, cfg["loss_chunk_tokens"], args.steps)[0]}
+        speeds = {name: measure[name]() for name in (("ours", "nanogpt") if r % 2 == 0 else ("nanogpt", "ours"))}
+        rounds.append(speeds)
+        print(f"  ours {speeds['ours'] / 1000:5.1f}K  nanoGPT {speeds['nanogpt'] / 1000:5.1f}K  "
+              f"ratio {speeds['ours'] / speeds['nanogpt']:.2f}", flush=True)
+    ratio = float(np.median([r["ours"] / r["nanogpt"] for r in rounds]))
+    train_tokens = int(np.load(paths["encoded"] / "train.npy", mmap_mode="r").size)
+    nanogpt_tps = float(np.median([r["nanogpt"] for r in rounds]))
+    print(f"median ratio (ours / nanoGPT): {ratio:.2f}; nanoGPT would take {cfg['epochs'] * train_tokens / nanogpt_tps:.0f} s "
+          f"for {cfg['epochs']} epochs of these {train_tokens} tokens", flush=True)
+    write_json_atomic(paths["bench"] / "nanogpt.json", {
+        "rounds": rounds, "median_ratio": ratio, "nanogpt_tokens_per_s": nanogpt_tps,
+        "ours_tokens_per_s": float(np.median([r["ours"] for r in rounds])), "dtype": str(dtype),
+        "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "max_seq_length": cfg["max_seq_length"],
+        "epochs": cfg["epochs"], "train_tokens": train_tokens,
+        "nanogpt_epochs_s": cfg["epochs"] * train_tokens / nanogpt_tps, "nanogpt_settings": {
+            k: reference[k] for k in ("positions", "activation", "dropout", "optimizer", "dtype", "loss_chunk_tokens")}})
+
+
 def process_worker(args) -> None:
     """One of the torchrun processes of --processes: times DDP steps with and without the gradient exchange."""
     from torch.nn.parallel import DistributedDataParallel
@@ -313,10 +471,17 @@ def main():
     parser.add_argument("--process-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compare", type=str, default="",
                         help="instead: the default step against one with these train settings, e.g. 'optimizer=muon'")
-    parser.add_argument("--rounds", type=int, default=5, help="--compare: alternating rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="--compare, --nanogpt: alternating rounds")
+    parser.add_argument("--profile", action="store_true", help="instead: torch.profiler's table of a default step")
+    parser.add_argument("--profile-rows", type=int, default=15, help="--profile: operators printed")
+    parser.add_argument("--nanogpt", action="store_true", help="instead: the default step against nanoGPT's, alternating")
     args = parser.parse_args()
     if args.compare:
         return compare_settings(args)
+    if args.profile:
+        return profile_step(args)
+    if args.nanogpt:
+        return compare_nanogpt(args)
     if args.process_worker:
         return process_worker(args)
     if args.processes:

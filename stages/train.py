@@ -293,8 +293,8 @@ def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dic
         if not math.isfinite(loss_value):
             raise PipelineError(f"loss became {loss_value} at epoch {epoch + 1}, step {b + 1} of {len(batches)} "
                                 f"(step {state.step + 1} of the run, lr {lr:.2e})",
-                                "go back to the default LR=0.0015 (or half the LR that diverged), keep GRAD_CLIP=1.0, "
-                                "then RESUME=no", "diverging-or-nan-loss")
+                                "go back to the default LR (learning_rate in config/defaults.yaml) or half the LR "
+                                "that diverged, keep GRAD_CLIP=1.0, then RESUME=no", "diverging-or-nan-loss")
         state.step += 1
         state.running_sum += loss_value
         state.running_count += 1

@@ -12,7 +12,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO))
 from model import ModelConfig, TinyTransformer, sample_next  # noqa: E402
-from model.tiny_transformer import Dropout  # noqa: E402
+from model.tiny_transformer import Dropout, bf16_causal_attention  # noqa: E402
 
 CFG = ModelConfig(vocab_size=300, n_layers=2, d_model=32, n_heads=4, max_seq_length=24)
 
@@ -122,6 +122,29 @@ def test_bf16_attention_is_causal_and_matches_fp32():
             fast_y, _ = model(y)
     assert torch.allclose(fast_x[:, :9], fast_y[:, :9])  # later tokens never change earlier logits
     assert (fast_x.float() - plain).abs().max() < 0.05 * plain.abs().max()
+
+
+
+def test_bf16_attention_in_query_blocks_matches_fp32_attention_and_its_gradients():
+    """Contexts longer than one block of queries (the last one partial): the scores the causal mask
+    discards are skipped, yet output and gradients equal PyTorch's fp32 attention to bf16 precision."""
+    torch.manual_seed(0)
+    B, H, T, D = 2, 3, 150, 16
+    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(B, H, T, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = bf16_causal_attention(q, k, v, D)
+    fast.float().backward(grad_out)
+    fast_grads = [t.grad.clone() for t in (q, k, v)]
+    exact = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    reference = torch.nn.functional.scaled_dot_product_attention(*exact, is_causal=True)
+    reference.backward(grad_out)
+    assert (fast.float() - reference).abs().max() < 0.02 * reference.abs().max()
+    for got, want in zip(fast_grads, (t.grad for t in exact)):
+        assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
+        assert (got - want).abs().max() < 0.03 * want.abs().max()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation: the same numbers
+        assert torch.equal(bf16_causal_attention(q, k, v, D), fast)
 
 
 def test_dropout_zeroes_about_p_rescales_and_reuses_its_mask_in_backward():
