@@ -64,6 +64,7 @@ from lib.batches import get_batch, window_starts
 from lib.config import DEFAULT_CONFIG, REPO_ROOT, load_yaml, stage_paths
 from lib.files import write_json_atomic
 from lib.hardware import keep_freed_memory, resolve_dtype
+from lib.key_values import parse_key_values, typed_like
 from lib.optim import make_optimizer, train_step
 from lib.regularisation import resolve_dropout
 from model import ModelConfig, TinyTransformer, model_config
@@ -229,13 +230,10 @@ def compare_settings(args) -> None:
     keep_freed_memory()
     paths, train_cfg, vocab, tokens = load_inputs(args)
     changes = {}
-    for part in args.compare.split():
-        key, _, value = part.partition("=")
-        if key not in train_cfg or not value:
-            raise SystemExit(f"error: --compare {part!r}: expected KEY=VALUE with a key of the train section")
-        default = train_cfg[key]
-        changes[key] = (value.lower() in ("1", "true", "yes") if isinstance(default, bool)
-                        else value if isinstance(default, str) else type(default)(value))
+    for key, values in parse_key_values(args.compare, "--compare"):
+        if key not in train_cfg or len(values) != 1:
+            raise SystemExit(f"error: --compare {key}: expected KEY=VALUE with one value and a key of the train section")
+        changes[key] = typed_like(train_cfg[key], values[0])
     settings = {"defaults": train_cfg, args.compare: {**train_cfg, **changes}}
     dtype = resolve_dtype({"dtype": train_cfg["dtype"], "device": "cpu"})
     print(f"training step tokens/s, {args.steps} steps each, {args.rounds} rounds, {str(dtype).replace('torch.', '')}, "

@@ -19,6 +19,8 @@ commit and machine), the file the experiments page's tables are drawn from.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import itertools
 import json
 import re
@@ -30,16 +32,26 @@ from pathlib import Path
 
 from lib.config import REPO_ROOT, stage_paths
 from lib.files import write_json_atomic, write_text_atomic
+from lib.key_values import parse_key_values
 
 
 def parse_grid(text: str) -> list[dict]:
-    axes = []
-    for part in text.split():
-        key, _, values = part.partition("=")
-        if not values:
-            raise SystemExit(f"error: bad grid entry {part!r}: expected key=value1,value2")
-        axes.append([(key, v) for v in values.split(",")])
+    """Every combination of the grid's values, one dict per run."""
+    axes = [[(key, v) for v in values] for key, values in parse_key_values(text, "--grid")]
     return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def mean_tokens_per_s(epochs: list[dict]) -> float:
+    return sum(e["tokens_per_s"] for e in epochs) / len(epochs)
+
+
+@contextlib.contextmanager
+def results_locked(sweep_dir: Path):
+    """Held while results.json is read, merged and written: two sweeps that finish together keep both rows."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / "results.json.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits for the other sweep's merge
+        yield
 
 
 def run_name(setting: dict) -> str:
@@ -87,16 +99,16 @@ def main():
                "best_epoch": min(epochs, key=lambda e: e["val_loss"])["epoch"],
                "max_gap": max(e["gap"] for e in epochs), "final_train": epochs[-1]["train_loss"],
                "final_train_eval": epochs[-1]["train_loss_eval"], "wall_s": epochs[-1]["elapsed_s"],
-               "tokens_per_s": sum(e["tokens_per_s"] for e in epochs) / len(epochs),
-               "extra": args.extra, "sweep_seconds": time.perf_counter() - start}
+               "tokens_per_s": mean_tokens_per_s(epochs), "extra": args.extra, "sweep_seconds": time.perf_counter() - start}
         rows.append(row)
         print(f"[sweep] {name}: final val {row['final_val']:.3f}, best {row['best_val']:.3f} (epoch {row['best_epoch']}), "
               f"max gap {row['max_gap']:+.3f}, {row['wall_s']:.0f}s", flush=True)
 
-    old = json.loads((sweep_dir / "results.json").read_text()) if (sweep_dir / "results.json").exists() else []
-    merged = {r["name"]: r for r in old + rows}
-    table = sorted(merged.values(), key=lambda r: r["final_val"])
-    write_json_atomic(sweep_dir / "results.json", table)
+    with results_locked(sweep_dir):
+        old = json.loads((sweep_dir / "results.json").read_text()) if (sweep_dir / "results.json").exists() else []
+        merged = {r["name"]: r for r in old + rows}
+        table = sorted(merged.values(), key=lambda r: r["final_val"])
+        write_json_atomic(sweep_dir / "results.json", table)
     lines = ["| run | final val | best val (epoch) | max gap | final train | wall s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['final_val']:.3f} | {r['best_val']:.3f} ({r['best_epoch']}) | {r['max_gap']:+.3f} | "
               f"{r['final_train']:.3f} | {r['wall_s']:.0f} |" for r in table]
@@ -114,7 +126,7 @@ def write_docs_table(sweep_dir: Path, args) -> None:
     for r in json.loads((sweep_dir / "results.json").read_text()):
         if "tokens_per_s" not in r:  # rows of sweeps older than the speed column
             epochs = json.loads((sweep_dir / r["name"] / "checkpoints" / "history.json").read_text())["epochs"]
-            r["tokens_per_s"] = sum(e["tokens_per_s"] for e in epochs) / len(epochs)
+            r["tokens_per_s"] = mean_tokens_per_s(epochs)
         # the thread count is the same for every row and said in --how; other extra flags are part of the setting
         extra = re.sub(r"--threads[ =]\d+", "", r.get("extra", "")).replace("--", "").strip()
         flags = [f"{k}={v}" for k, v in r["setting"].items()] + [extra]
