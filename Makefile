@@ -244,8 +244,11 @@ generate: $(VENV_DONE) ## print a continuation of PROMPT from the trained model 
 runs: $(VENV_DONE) ## table of every kept run (current + archived) -> artifacts/runs/runs.md, val_curves.png
 	$(PY) stages/list_runs.py $(BASE_FLAGS)
 
-bench: $(ENC)/val.json ## speed figures: tokens/s of eager fp32 vs the fast path, MFU, stage times
-	$(PY) stages/bench.py --config '$(CONFIG)' --data-dir '$(DATA_DIR)' --artifacts-dir '$(ARTIFACTS_DIR)'
+BENCH_FLAGS = --config '$(CONFIG)' --data-dir '$(DATA_DIR)' --artifacts-dir '$(ARTIFACTS_DIR)'
+bench: $(ENC)/val.json ## speed figures: eager fp32 vs the fast path, MFU, stage times, the step's profile, vs nanoGPT
+	$(PY) stages/bench.py $(BENCH_FLAGS)
+	$(PY) stages/bench.py --profile $(BENCH_FLAGS)
+	$(PY) stages/bench.py --nanogpt $(BENCH_FLAGS)
 
 SWEEP        ?= learning_rate=0.0003,0.001 dropout=0.0,0.1
 SWEEP_EPOCHS ?= 20

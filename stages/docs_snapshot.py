@@ -15,7 +15,8 @@ Reads (each written by a stage of the default run): data/raw/corpus.json, the st
 .log files, data/prepared/stats.json, data/encoded/*.json, artifacts/tokenizer/tokenizer.json,
 artifacts/checkpoints/{history,config,train_done}.json, every kept run (make runs),
 artifacts/eval/report.json, artifacts/export/export.json, and artifacts/bench/bench.json
-(compare.json) when `make bench` (`stages/bench.py --compare`) was run.
+(profile.json, nanogpt.json) when `make bench` (`stages/bench.py --profile`, `--nanogpt`)
+was run. A `bench.py --compare` that an experiment quotes is kept in docs/data/experiments/.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def main(cfg):
         "logs.json": logs(cfg),
         "error_examples.json": error_examples(),
     }
-    for name in ("bench.json", "compare.json"):
+    for name in ("bench.json", "profile.json", "nanogpt.json"):
         bench = paths["bench"] / name
         if bench.exists():
             made = datetime.date.fromtimestamp(bench.stat().st_mtime).isoformat()
