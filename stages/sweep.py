@@ -104,16 +104,23 @@ def main():
         print(f"[sweep] {name}: final val {row['final_val']:.3f}, best {row['best_val']:.3f} (epoch {row['best_epoch']}), "
               f"max gap {row['max_gap']:+.3f}, {row['wall_s']:.0f}s", flush=True)
 
-    with results_locked(sweep_dir):
-        old = json.loads((sweep_dir / "results.json").read_text()) if (sweep_dir / "results.json").exists() else []
-        merged = {r["name"]: r for r in old + rows}
-        table = sorted(merged.values(), key=lambda r: r["final_val"])
-        write_json_atomic(sweep_dir / "results.json", table)
+    table = merge_results(sweep_dir, rows)
     lines = ["| run | final val | best val (epoch) | max gap | final train | wall s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['final_val']:.3f} | {r['best_val']:.3f} ({r['best_epoch']}) | {r['max_gap']:+.3f} | "
               f"{r['final_train']:.3f} | {r['wall_s']:.0f} |" for r in table]
     write_text_atomic(sweep_dir / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def merge_results(sweep_dir: Path, rows: list[dict]) -> list[dict]:
+    """results.json with these rows added (a run of the same name replaced), best final loss first."""
+    with results_locked(sweep_dir):
+        results = sweep_dir / "results.json"
+        old = json.loads(results.read_text()) if results.exists() else []
+        merged = {r["name"]: r for r in old + rows}
+        table = sorted(merged.values(), key=lambda r: r["final_val"])
+        write_json_atomic(results, table)
+    return table
 
 
 def write_docs_table(sweep_dir: Path, args) -> None:
