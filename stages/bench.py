@@ -97,14 +97,19 @@ def training_model(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torch
     return model, optimizer, autocast
 
 
+def fixed_batches(tokens: np.ndarray, train_cfg: dict, count: int, seed: int = 0) -> list:
+    """count batches of training windows, drawn from a seeded generator: every path times the same ones."""
+    T, B = train_cfg["max_seq_length"], train_cfg["batch_size"]
+    starts, rng = window_starts(tokens.size, T), np.random.default_rng(seed)
+    return [get_batch(tokens, rng.choice(starts, B, replace=False), T, "cpu") for _ in range(count)]
+
+
 def step_throughput(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torch.dtype, chunk: int, steps: int) -> float:
     """Tokens/s of train.py's own training step (same model, dropout and optimizer) on fixed batches."""
     T, B = train_cfg["max_seq_length"], train_cfg["batch_size"]
     model, optimizer, autocast = training_model(train_cfg, vocab, tokens, dtype)
     loss_fn = functools.partial(model.loss, chunk_tokens=chunk)
-    starts = window_starts(tokens.size, T)
-    rng = np.random.default_rng(0)
-    batches = [get_batch(tokens, rng.choice(starts, B, replace=False), T, "cpu") for _ in range(steps + 3)]
+    batches = fixed_batches(tokens, train_cfg, steps + 3)
     for x, y in batches[:3]:
         train_step(model, optimizer, x, y, autocast, loss_fn, train_cfg["grad_clip"])
     start = time.perf_counter()
@@ -252,12 +257,6 @@ def compare_settings(args) -> None:
                                                          "dtype": str(dtype), "threads": torch.get_num_threads()})
 
 
-def fixed_batches(tokens: np.ndarray, train_cfg: dict, count: int, seed: int = 0) -> list:
-    T, B = train_cfg["max_seq_length"], train_cfg["batch_size"]
-    starts, rng = window_starts(tokens.size, T), np.random.default_rng(seed)
-    return [get_batch(tokens, rng.choice(starts, B, replace=False), T, "cpu") for _ in range(count)]
-
-
 PHASES = ("forward", "backward", "optimizer")
 
 
@@ -373,25 +372,26 @@ def compare_nanogpt(args) -> None:
     batches = fixed_batches(tokens, cfg, args.steps + 3)
     print(f"training step tokens/s, batch {cfg['batch_size']} x {cfg['max_seq_length']}, {args.steps} steps each, "
           f"{args.rounds} rounds, {torch.get_num_threads()} threads:", flush=True)
+    measure = {"nanogpt": lambda: nanogpt_throughput(reference, vocab, batches),
+               "ours": lambda: step_throughput(cfg, vocab, tokens, dtype, cfg["loss_chunk_tokens"], args.steps)[0]}
     rounds = []
     for r in range(args.rounds):
-        measure = {"nanogpt": lambda: nanogpt_throughput(reference, vocab, batches),
-                   "ours": lambda: step_throughput(cfg, vocab, tokens, dtype, cfg["loss_chunk_tokens"], args.steps)[0]}
         speeds = {name: measure[name]() for name in (("ours", "nanogpt") if r % 2 == 0 else ("nanogpt", "ours"))}
         rounds.append(speeds)
         print(f"  ours {speeds['ours'] / 1000:5.1f}K  nanoGPT {speeds['nanogpt'] / 1000:5.1f}K  "
               f"ratio {speeds['ours'] / speeds['nanogpt']:.2f}", flush=True)
     ratio = float(np.median([r["ours"] / r["nanogpt"] for r in rounds]))
-    train_tokens = int(np.load(paths["encoded"] / "train.npy", mmap_mode="r").size)
+    train_tokens = int(tokens.size)
     nanogpt_tps = float(np.median([r["nanogpt"] for r in rounds]))
-    print(f"median ratio (ours / nanoGPT): {ratio:.2f}; nanoGPT would take {cfg['epochs'] * train_tokens / nanogpt_tps:.0f} s "
+    nanogpt_epochs_s = cfg["epochs"] * train_tokens / nanogpt_tps
+    print(f"median ratio (ours / nanoGPT): {ratio:.2f}; nanoGPT would take {nanogpt_epochs_s:.0f} s "
           f"for {cfg['epochs']} epochs of these {train_tokens} tokens", flush=True)
     write_json_atomic(paths["bench"] / "nanogpt.json", {
         "rounds": rounds, "median_ratio": ratio, "nanogpt_tokens_per_s": nanogpt_tps,
         "ours_tokens_per_s": float(np.median([r["ours"] for r in rounds])), "dtype": str(dtype),
         "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "max_seq_length": cfg["max_seq_length"],
         "epochs": cfg["epochs"], "train_tokens": train_tokens,
-        "nanogpt_epochs_s": cfg["epochs"] * train_tokens / nanogpt_tps, "nanogpt_settings": {
+        "nanogpt_epochs_s": nanogpt_epochs_s, "nanogpt_settings": {
             k: reference[k] for k in ("positions", "activation", "dropout", "optimizer", "dtype", "loss_chunk_tokens")}})
 
 
