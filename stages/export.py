@@ -27,11 +27,10 @@ import argparse
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 
 from lib.config import check_positive, log_config, public, resolve_config, stage_log, stage_parser, stage_paths
-from lib.errors import PipelineError, log, run_stage, set_interrupt_note
+from lib.errors import PipelineError, log, run_stage, set_interrupt_note, signals_held
 from lib.files import (damaged_files, file_records, lock_folder, read_json, sha256_file, write_json_atomic,
                        write_text_atomic)
 from lib.processes import run_script_json
@@ -161,11 +160,8 @@ def remove_stale_staging(export_dir: Path) -> None:
 
 def remove_uninterrupted(folder: Path) -> None:
     """rmtree that a second Ctrl+C cannot cut short (the signals wait until it is done)."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
+    with signals_held():
         shutil.rmtree(folder, ignore_errors=True)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def lock_export(export_dir: Path):

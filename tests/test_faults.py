@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import time
 
@@ -102,6 +103,41 @@ def test_sigterm_during_download_keeps_the_partial_file_for_resume(workspace):
     workspace.run("download.py", "--corpus-url", url)
     assert (workspace.data / "raw" / "corpus.txt").read_bytes() == body
     server.shutdown()
+
+
+HELD_CLEANUP = """
+import sys, time
+sys.path.insert(0, "stages")
+import torch
+from lib.errors import run_stage, signals_held
+
+def main(cfg):
+    torch.set_num_threads(2)
+    a = torch.randn(512, 512)
+    a @ a  # torch's worker threads now exist, and the kernel may hand a signal to any of them
+    with signals_held():
+        print("cleaning up", flush=True)
+        deadline = time.time() + 1.5
+        while time.time() < deadline:
+            a @ a
+        print("cleanup finished", flush=True)
+    print("went on after the Ctrl+C", flush=True)
+
+run_stage(main, {})
+"""
+
+
+def test_ctrl_c_during_a_held_cleanup_lets_it_finish_then_stops():
+    """export.py removes its staging folder this way: Ctrl+C, even three times, must not cut it short."""
+    proc = subprocess.Popen([PYTHON, "-c", HELD_CLEANUP], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    assert proc.stdout.readline() == "cleaning up\n"
+    for _ in range(3):  # at the process group, as a terminal sends it
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.1)
+    out, err = proc.communicate(timeout=60)
+    assert "cleanup finished" in out and "went on" not in out, (out, err)
+    assert proc.returncode == 130 and "interrupted" in err and NO_TRACEBACK not in err, err
 
 
 # ----------------------------------------------------------------------------- corrupted files

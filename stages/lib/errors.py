@@ -7,6 +7,7 @@ exits non-zero; Ctrl+C and SIGTERM exit 130 and 143.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import signal
 import sys
@@ -19,6 +20,26 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 
 class Terminated(BaseException):
     """Raised in the main thread when SIGTERM arrives (BaseException: not caught by `except Exception`)."""
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl+C and SIGTERM wait until the block is done, then take effect (a cleanup they must not cut short).
+
+    Blocking them with pthread_sigmask is not enough: that holds them for the calling thread only, the
+    kernel then hands them to another thread (torch's OpenMP workers), and Python still runs the handler,
+    and raises, in the main thread. So the handlers themselves are swapped for ones that only take note.
+    """
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])  # now handled as it would have been (or ignored, if it is ignored now)
 
 
 class PipelineError(Exception):
@@ -123,11 +144,16 @@ def run_stage(main, cfg: dict, report_time: bool = True, log_file: Path | None =
 
     `log_file`: where a successful run's log lines are kept (e.g. data/raw/download.log).
     """
-    # SIGTERM unwinds the stack like Ctrl+C, so that `finally` blocks and temp-file cleanup run.
-    def _on_sigterm(signum, frame):
-        raise Terminated()
+    # SIGTERM unwinds the stack like Ctrl+C, so that `finally` blocks and temp-file cleanup run. The first
+    # one turns both off before it raises: a second Ctrl+C must not cut that cleanup, the message or the
+    # exit code short, whichever frame it would land in.
+    def _stop(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     start = time.perf_counter()
     try:
         main(cfg)
@@ -135,7 +161,7 @@ def run_stage(main, cfg: dict, report_time: bool = True, log_file: Path | None =
         print(str(exc), file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, Terminated) as exc:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not cut the message and exit code short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # also when a stage's own handler raised it
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         print(f"\n{what}: stage '{_STAGE}' stopped before finishing; {_INTERRUPT_NOTE}. Rerun the same command.",
