@@ -141,6 +141,7 @@ help: ## list targets and variables
 	@echo "  export     CHECKPOINT=best_model.pt"
 	@echo "  generate   PROMPT='En el principio' MAX_TOKENS=100 TEMPERATURE=0.8 TOP_K=50 GEN_SEED=1 RUNTIME=torch|onnx"
 	@echo "  sweep      SWEEP='learning_rate=0.0003,0.001 dropout=0.0,0.1' SWEEP_EPOCHS=20"
+	@echo "  test       TEST_WORKERS=2 (pytest processes; 0 = one)"
 
 # ---------------------------------------------------------------- environment
 venv: $(VENV_DONE) ## create .venv from requirements.txt
@@ -255,8 +256,11 @@ SWEEP_EPOCHS ?= 20
 sweep: $(ENC)/val.json ## train one run per SWEEP setting, table in artifacts/sweep/results.md
 	$(PY) stages/sweep.py --grid '$(SWEEP)' --epochs $(SWEEP_EPOCHS) --data-dir '$(DATA_DIR)' --artifacts-dir '$(ARTIFACTS_DIR)'
 
-test: $(VENV_DONE) ## the whole test suite
-	$(PY) -m pytest -q tests
+# Two processes by default: most tests wait on one-thread stage scripts, so two overlap well on two
+# cores. A file's tests stay in one process (they share its fixtures). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+test: $(VENV_DONE) ## the whole test suite (TEST_WORKERS=2 processes)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # ---------------------------------------------------------------- cleaning
 clean-checkpoints: ## remove checkpoints and trained models only (incl. runs moved aside)
