@@ -293,18 +293,10 @@ def profile_step(args) -> None:
         train_step(model, optimizer, x, y, autocast, loss_fn, cfg["grad_clip"])[0].item()
     step_ms = (time.perf_counter() - start) / len(timed) * 1000
 
-    # train_step's three parts, each under a label the profiler records (the same calls, in the same order)
+    # train_step's three parts, each under a label the profiler records
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for x, y in profiled:
-            with record_function("forward"), autocast():
-                loss = loss_fn(x, y)
-            with record_function("backward"):
-                loss.backward()
-            with record_function("optimizer"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss.item()
+            train_step(model, optimizer, x, y, autocast, loss_fn, cfg["grad_clip"], phase=record_function)[0].item()
     per_op: dict[str, dict[str, float]] = {}
     for event in prof.events():
         root = event

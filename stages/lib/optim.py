@@ -3,6 +3,7 @@ the learning-rate schedule (warmup, then cosine or warmup-stable-decay), one ste
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -108,16 +109,25 @@ class LossModule(torch.nn.Module):
 
 
 def train_step(model, optimizer, x, y, autocast, loss_fn, grad_clip: float,
-               loss_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               loss_weight: float = 1.0, phase=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step: forward and loss, backward, clip the global gradient norm, optimizer update.
 
     Returns the loss and the gradient norm before clipping (grad_clip <= 0: no clipping).
     loss_weight scales the gradient (a rank's share of a batch, lib/distributed.py).
+    phase, if given, is a context manager factory wrapped around the "forward", "backward" and
+    "optimizer" parts (bench.py --profile passes torch.profiler.record_function).
     """
-    with autocast():
+    phase = phase or _unlabelled
+    with phase("forward"), autocast():
         loss = loss_fn(x, y)
-    (loss if loss_weight == 1.0 else loss * loss_weight).backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with phase("backward"):
+        (loss if loss_weight == 1.0 else loss * loss_weight).backward()
+    with phase("optimizer"):
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return loss, norm
+
+
+def _unlabelled(name: str) -> contextlib.nullcontext:
+    return contextlib.nullcontext()
