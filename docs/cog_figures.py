@@ -58,6 +58,11 @@ def epochs() -> list[dict]:
     return data("history")["epochs"]
 
 
+def mean_tokens_per_s() -> float:
+    """The default run's training speed, averaged over its epochs."""
+    return sum(e["tokens_per_s"] for e in epochs()) / len(epochs())
+
+
 def final(key: str):
     return epochs()[-1][key]
 
