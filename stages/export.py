@@ -24,6 +24,7 @@ or missing file makes `make export` rebuild.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -31,8 +32,8 @@ from pathlib import Path
 
 from lib.config import check_positive, log_config, public, resolve_config, stage_log, stage_parser, stage_paths
 from lib.errors import PipelineError, log, run_stage, set_interrupt_note, signals_held
-from lib.files import (damaged_files, file_records, lock_folder, read_json, sha256_file, write_json_atomic,
-                       write_text_atomic)
+from lib.files import (damaged_files, file_records, human_bytes, lock_folder, read_json, sha256_file,
+                       write_json_atomic, write_text_atomic)
 from lib.processes import run_script_json
 
 RUNTIME_KEYS = ("p50_ms", "p95_ms", "tokens_per_s", "rss_mb", "peak_rss_mb")
@@ -233,10 +234,38 @@ def main(cfg):
         lock.close()
 
 
+def export_bytes(model, paths: dict) -> int:
+    """About what an export takes on disk: the weights twice in float32 (safetensors, ONNX) and the tokenizer
+    three times or so (spm.model in each folder, tokenizer.json), plus a margin for the small files."""
+    return 8 * model.num_parameters() + 5 * (paths["tokenizer"] / "spm.model").stat().st_size + (1 << 20)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """safetensors and the ONNX writer report a full disk in their own exception types, with the OS's words."""
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
+
+
+def no_room_for_export(export_dir: Path, needed: int, model, while_writing: bool) -> PipelineError:
+    when = "ran out of disk space while writing the new one" if while_writing else "was not started"
+    return PipelineError(
+        f"{export_dir} has {human_bytes(shutil.disk_usage(export_dir).free)} free, and an export of this model's "
+        f"{model.num_parameters():,} parameters needs about {human_bytes(needed)}; the export {when}, the previous "
+        f"export (if any) is untouched",
+        "free some disk space (or point ARTIFACTS_DIR at a larger disk) and rerun `make export`", "disk-full")
+
+
 def export(cfg, paths, checkpoint: Path, model, payload, sp, export_dir: Path) -> None:
-    staging = export_dir / f".staging-{os.getpid()}"
+    staging, needed = export_dir / f".staging-{os.getpid()}", export_bytes(model, paths)
+    if shutil.disk_usage(export_dir).free < needed:
+        raise no_room_for_export(export_dir, needed, model, while_writing=False)
     try:
-        write_exports(model, sp, paths, staging)
+        try:
+            write_exports(model, sp, paths, staging)
+        except Exception as exc:  # the disk may also fill from elsewhere while the files are written
+            if not is_disk_full(exc):
+                raise
+            remove_uninterrupted(staging)  # first, so that the free space named is what is really free
+            raise no_room_for_export(export_dir, needed, model, while_writing=True) from None
         proofs = run_script_json(cfg, "export.py", ["--checkpoint", str(checkpoint), "--prove", str(staging)], "the proofs")
         check_proofs(proofs)
         write_model_card(payload, model, paths, staging, proofs)

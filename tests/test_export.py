@@ -9,11 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from conftest import PYTHON, REPO, TINY_TOKENIZER, Workspace
+from conftest import PYTHON, REPO, TINY_TOKENIZER, Workspace, assert_clean_failure
+from faults_helpers import fill, small_disk
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +214,36 @@ def test_two_exports_at_once_and_a_double_ctrl_c_leave_one_clean_export(exported
     assert not list(export_dir.glob(".staging-*")), "no staging folder is left behind"
     assert not (export_dir / ".export.lock").exists()
     assert json.loads((export_dir / "export.json").read_text())["files"] == before, "the previous export is intact"
+
+
+def test_a_full_disk_before_or_during_an_export_keeps_the_previous_one(exported, tmp_path):
+    """The artifacts folder on a small tmpfs: too little room is refused before writing; a disk that
+    fills while the files are written (safetensors, ONNX) is said as such, and the staging folder goes."""
+    ws = Workspace(tmp_path)
+    with small_disk(tmp_path / "artifacts", "48m"):
+        shutil.copytree(exported.artifacts, ws.artifacts, symlinks=True, dirs_exist_ok=True)
+        shutil.copytree(exported.data, ws.data, symlinks=True)
+        export_dir = ws.artifacts / "export"
+        before = json.loads((export_dir / "export.json").read_text())["files"]
+
+        filler = fill(ws.artifacts, leave_bytes=200_000)
+        refused = ws.run("export.py", check=False)
+        assert_clean_failure(refused, "needs about", "the export was not started", "#disk-full")
+        filler.unlink()
+
+        def fill_when_writing_starts():
+            deadline = time.time() + 120
+            while not list(export_dir.glob(".staging-*")) and time.time() < deadline:
+                time.sleep(0.0005)
+            try:
+                fill(ws.artifacts, leave_bytes=0)
+            except OSError:  # the export's own writes took the last bytes first: full all the same
+                pass
+
+        filling = threading.Thread(target=fill_when_writing_starts)
+        filling.start()
+        during = ws.run("export.py", "--latency-steps", "30", check=False)
+        filling.join()
+        assert_clean_failure(during, "#disk-full")  # (which file met the full disk depends on the timing)
+        assert not list(export_dir.glob(".staging-*")), "no staging folder is left behind"
+        assert json.loads((export_dir / "export.json").read_text())["files"] == before, "the previous export is intact"
