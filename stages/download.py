@@ -395,6 +395,14 @@ def download_url(cfg, dest: Path) -> None:
             log(f"attempt {attempt}/{attempts} failed ({type(exc).__name__}: {exc}); "
                 f"{human_bytes(got)} so far; retrying in {delay:.1f}s")
             time.sleep(delay)
+        except requests.exceptions.TooManyRedirects as exc:
+            raise PipelineError(f"GET {url} redirects in a loop ({exc})",
+                                "check the URL (CORPUS_URL / --corpus-url): its server keeps sending it elsewhere",
+                                "corpus-download-fails") from None
+        except requests.exceptions.RequestException as exc:  # what a retry cannot mend: a malformed response or URL
+            raise PipelineError(f"download of {url} failed: {type(exc).__name__}: {exc}",
+                                "check the URL and the server (CORPUS_URL / --corpus-url), then rerun",
+                                "corpus-download-fails") from None
 
     actual = sha256_file(partial)
     if expected and actual != expected:

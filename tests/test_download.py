@@ -21,7 +21,8 @@ FAST_RETRY = {"DOWNLOAD_BACKOFF_S": "0.05"}
 
 class CorpusServer(http.server.ThreadingHTTPServer):
     """Serves one body at /corpus.txt. Scripted faults: `plan` is a list of actions for successive requests:
-    'ok', 'drop' (send half the body, then close), '500', 'stall' (wait until released)."""
+    'ok', 'drop' (send half the body, then close), '500', 'stall' (wait until released), 'loop' (a redirect
+    to itself), 'bad-gzip' (says Content-Encoding: gzip and sends the plain body)."""
 
     daemon_threads = True
 
@@ -55,6 +56,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if action == "stall":
             srv.release.wait(10)
             return
+        if action == "loop":
+            srv.plan.insert(0, "loop")
+            self.send_response(302)
+            self.send_header("Location", "/corpus.txt")
+            self.end_headers()
+            return
         body, start = srv.body, 0
         rng = self.headers.get("Range")
         if rng:
@@ -65,6 +72,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         part = body[start:]
         self.send_header("Content-Length", str(len(part)))
+        if action == "bad-gzip":
+            self.send_header("Content-Encoding", "gzip")
         self.end_headers()
         if action == "drop":
             self.wfile.write(part[: len(part) // 2])
@@ -119,6 +128,18 @@ def test_url_404_is_a_clear_error_without_retries(workspace, server):
     result = workspace.run("download.py", "--corpus-url", server.url.replace("corpus.txt", "missing.txt"), check=False)
     assert result.returncode == 1 and "HTTP 404" in result.stderr and "Traceback" not in result.stderr
     assert len(server.requests) == 1
+
+
+def test_url_redirect_loop_and_undecodable_body_are_clear_errors_without_retries(workspace, server):
+    server.plan = ["loop"]
+    looped = workspace.run("download.py", "--corpus-url", server.url, env=FAST_RETRY, check=False)
+    assert_clean_failure(looped, "redirects in a loop", "#corpus-download-fails")
+    assert 20 <= len(server.requests) <= 40  # requests' own limit of redirects, then no retries
+
+    server.plan, server.requests[:] = ["bad-gzip"], []
+    garbled = workspace.run("download.py", "--corpus-url", server.url, env=FAST_RETRY, check=False)
+    assert_clean_failure(garbled, "ContentDecodingError", "check the URL and the server", "#corpus-download-fails")
+    assert len(server.requests) == 1 and not (workspace.data / "raw" / "corpus.txt").exists()
 
 
 def test_url_stalled_server_times_out_with_message(workspace, server):
