@@ -57,7 +57,7 @@ def build_parser():
     p.add_argument("--timeout-s", type=float, default=None, help="HTTP connect/read timeout in seconds")
     p.add_argument("--retries", type=int, default=None, help="HTTP retries after the first attempt")
     p.add_argument("--max-download-mb", type=float, default=None,
-                   help="refuse (and stop) a URL download larger than this many MB (make: MAX_DOWNLOAD_MB)")
+                   help="refuse (and stop) a corpus, downloaded or local, larger than this many MB (make: MAX_DOWNLOAD_MB)")
     return p
 
 
@@ -506,9 +506,9 @@ def html_to_text(html: str) -> str:
     return parser.text()
 
 
-def read_local(path_arg: str) -> bytes:
+def read_local(path_arg: str, limit_bytes: int) -> bytes:
     """A UTF-8 text file, or a folder of .txt / .html files (each file ends a document;
-    HTML is turned into text, with each h1-h3 section a document of its own)."""
+    HTML is turned into text, with each h1-h3 section a document of its own), of at most limit_bytes."""
     path = Path(path_arg).expanduser()
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in CORPUS_SUFFIXES and f.is_file())
@@ -518,7 +518,7 @@ def read_local(path_arg: str) -> bytes:
                                 "empty-or-corrupted-corpus")
         texts = []
         for f in files:
-            data = f.read_bytes()
+            data = read_limited(f, limit_bytes)
             if f.suffix.lower() in HTML_SUFFIXES:
                 try:
                     html = data.decode("utf-8")
@@ -534,7 +534,23 @@ def read_local(path_arg: str) -> bytes:
     if not path.exists():
         raise PipelineError(f"corpus file {path} does not exist", "check CORPUS_PATH / --corpus-path",
                             "empty-or-corrupted-corpus")
-    return path.read_bytes()
+    return read_limited(path, limit_bytes)
+
+
+def read_limited(path: Path, limit_bytes: int) -> bytes:
+    """The file's bytes, refused past the size limit: a device or a pipe (/dev/zero, a process
+    that never ends) would otherwise be read until memory runs out."""
+    data = bytearray()
+    with open(path, "rb") as f:
+        while block := f.read(min(1 << 20, limit_bytes + 1 - len(data))):
+            data += block
+            if len(data) > limit_bytes:
+                raise PipelineError(
+                    f"corpus {path} is larger than the limit of {human_bytes(limit_bytes)} (stopped reading there); "
+                    f"nothing was written",
+                    "raise the limit if the corpus is meant to be that large: MAX_DOWNLOAD_MB=N "
+                    "(or --max-download-mb N); check CORPUS_PATH if it is not", "empty-or-corrupted-corpus")
+    return bytes(data)
 
 
 def count_documents(data: bytes) -> int:
@@ -551,7 +567,7 @@ def main(cfg):
     if cfg["corpus_path"]:
         source = {"kind": "path", "path": str(Path(cfg["corpus_path"]).expanduser().resolve())}
         log(f"reading local corpus {cfg['corpus_path']}")
-        write_bytes_atomic(corpus, read_local(cfg["corpus_path"]))
+        write_bytes_atomic(corpus, read_local(cfg["corpus_path"], int(cfg["max_download_mb"] * 1e6)))
     elif cfg["corpus_url"]:
         source = {"kind": "url", "url": cfg["corpus_url"]}
         set_interrupt_note(f"what was downloaded is kept in {partial_download(corpus)[0]} and resumed")

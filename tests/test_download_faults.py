@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import assert_clean_failure
+from conftest import assert_clean_failure, make_corpus_text
 from faults_helpers import resize, small_disk
 
 FAST_RETRY = {"DOWNLOAD_BACKOFF_S": "0.05"}
@@ -160,3 +160,16 @@ def test_partial_download_of_an_older_copy_starts_afresh(workspace, fault_server
     workspace.run("download.py", "--corpus-url", url, env=FAST_RETRY)
     assert (workspace.data / "raw" / "corpus.txt").read_bytes() == fault_server.body
     assert fault_server.requests[1]["if_range"] == "v1", "the resume names the copy it continues"
+
+
+def test_an_endless_local_corpus_stops_at_the_size_limit_and_a_pipe_is_read(workspace):
+    """--corpus-path names a device that never ends (/dev/zero): read up to the limit, then refused;
+    a pipe of a finite text (process substitution, /dev/stdin) is a corpus like any file."""
+    endless = workspace.run("download.py", "--corpus-path", "/dev/zero", "--max-download-mb", "5", check=False, timeout=120)
+    assert_clean_failure(endless, "/dev/zero is larger than the limit of 5.00 MB", "MAX_DOWNLOAD_MB",
+                         "#empty-or-corrupted-corpus")
+    assert not (workspace.data / "raw" / "corpus.txt").exists()
+
+    text = make_corpus_text(documents=20)
+    workspace.run("download.py", "--corpus-path", "/dev/stdin", input=text)
+    assert (workspace.data / "raw" / "corpus.txt").read_text(encoding="utf-8") == text
