@@ -263,13 +263,29 @@ test: $(VENV_DONE) ## the whole test suite (TEST_WORKERS=2 processes)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # ---------------------------------------------------------------- cleaning
+# Nothing is removed under a training run or an export that is still going: each holds an flock on
+# its lock file while it runs (lib/files.py), and flock(1) cannot take it then. (Without flock(1),
+# nothing is checked.)
+RUN_LOCKS = $(ARTIFACTS_DIR)/.train.lock $(ARTIFACTS_DIR)/export/.export.lock
+define refuse_while_running
+	@for lock in $(RUN_LOCKS); do \
+	  if [ -e "$$lock" ] && command -v flock >/dev/null && ! flock -n "$$lock" true; then \
+	    echo "error: $$lock is held by a running process (pid $$(cat "$$lock")): nothing was removed" >&2; \
+	    echo "  fix: let it finish, or stop it (Ctrl+C: training saves last.pt and resumes later), then rerun make $@" >&2; \
+	    exit 1; \
+	  fi; \
+	done
+endef
+
 clean-checkpoints: ## remove checkpoints and trained models only (incl. runs moved aside)
+	$(refuse_while_running)
 	rm -rf $(CKPT) $(ARTIFACTS_DIR)/checkpoints-archive
 
 # Sweep tables and benchmark figures take hours to remake: only distclean removes them.
 KEPT_BY_CLEAN = $(ARTIFACTS_DIR)/sweep $(ARTIFACTS_DIR)/bench
 
 clean: ## remove generated data and artifacts; keep the corpus, the venv, sweep and bench results
+	$(refuse_while_running)
 	rm -rf $(PREP) $(ENC) $(ARTIFACTS_DIR)/.train.lock \
 	  $(filter-out $(KEPT_BY_CLEAN),$(wildcard $(ARTIFACTS_DIR)/*))
 

@@ -99,3 +99,25 @@ def test_an_interrupted_run_moved_to_the_archive_resumes_when_its_settings_retur
     back = encoded.run("train.py", *mine)
     assert "the interrupted run" in back.stdout and "resuming last.pt from epoch 2" in back.stdout
     assert losses(encoded) == losses(straight), "resumed exactly, not trained from epoch 1"
+
+
+def test_clean_targets_refuse_while_a_training_run_holds_the_folder(encoded, tmp_path):
+    """`make clean-checkpoints` (or `make clean`) in another terminal would delete a run still training: refused."""
+    marker = tmp_path / "paused"
+    proc = start_train(encoded, *TINY_TRAIN, "--epochs", "3",
+                       env={"FAULT_AT_STEP": f"{steps_per_epoch(encoded) + 2}:pause={marker}"})
+    wait_for(marker)  # epoch 1 is saved; the run is inside epoch 2
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    make = ["make", "--no-print-directory", "-C", str(REPO), f"ARTIFACTS_DIR={encoded.artifacts}", f"DATA_DIR={encoded.data}"]
+    for target in ("clean-checkpoints", "clean"):
+        refused = subprocess.run([*make, target], capture_output=True, text=True, env=env)
+        assert refused.returncode != 0, refused.stdout + refused.stderr
+        assert f"held by a running process (pid {proc.pid})" in refused.stderr and "nothing was removed" in refused.stderr
+    assert (encoded.artifacts / "checkpoints" / "last.pt").exists() and (encoded.data / "encoded" / "train.npy").exists()
+
+    os.killpg(proc.pid, signal.SIGINT)
+    marker.unlink()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    subprocess.run([*make, "clean-checkpoints"], capture_output=True, text=True, env=env, check=True)
+    assert not (encoded.artifacts / "checkpoints").exists()
