@@ -21,16 +21,19 @@ from lib.files import atomic_path, write_json_atomic, write_text_atomic
 from lib.run_summary import settings_text, summarize_run
 
 
-def kept_runs(paths: dict) -> list[dict]:
-    """The current run first, then the archived ones, newest first."""
+def kept_runs(paths: dict) -> tuple[list[dict], list[Path]]:
+    """The current run first, then the archived ones, newest first; and the folders whose history is unreadable."""
     folders = [paths["checkpoints"]] + sorted(paths["archive"].glob("*"), reverse=True)
-    runs = []
+    runs, skipped = [], []
     for folder in folders:
         summary = summarize_run(folder) if folder.is_dir() else None
         if summary is not None:
             summary["current"] = folder == paths["checkpoints"]
             runs.append(summary)
-    return runs
+        elif (folder / "history.json").is_file():  # a damaged history hides no run without a word
+            log(f"skipped {folder}: its history.json cannot be read (damaged or cut short); the folder is untouched")
+            skipped.append(folder)
+    return runs, skipped
 
 
 def table(runs: list[dict]) -> str:
@@ -68,10 +71,11 @@ def draw_val_curves(runs: list[dict], path: Path) -> None:
 
 def main(cfg):
     paths = stage_paths(cfg)
-    runs = kept_runs(paths)
+    runs, skipped = kept_runs(paths)
     if not runs:
-        log(f"no runs yet: neither {paths['checkpoints']} nor {paths['archive']} holds a training history; "
-            f"train one with `make train`")
+        if not skipped:
+            log(f"no runs yet: neither {paths['checkpoints']} nor {paths['archive']} holds a training history; "
+                f"train one with `make train`")
         return
     out = Path(cfg["artifacts_dir"]) / "runs"
     text = table(runs)

@@ -1,5 +1,5 @@
 """Real faults around the finished model: a read-only artifacts folder (a read-only bind mount),
-a CHECKPOINT that is a system file or does not exist."""
+a CHECKPOINT that is a system file or does not exist, a run history cut short."""
 
 from __future__ import annotations
 
@@ -29,3 +29,20 @@ def test_a_checkpoint_that_is_a_system_file_or_missing_is_named(trained):
     missing = trained.run("evaluate.py", "--checkpoint", "epoch_009.pt", check=False)
     assert missing.returncode == 1 and "no checkpoint" in missing.stderr
     assert "best_model.pt" in missing.stderr and "epoch_001.pt" in missing.stderr, "names the checkpoints that exist"
+
+
+def test_make_runs_names_a_run_whose_history_is_cut_short_and_lists_the_rest(trained, tmp_path):
+    ws = Workspace(tmp_path)
+    shutil.copytree(trained.artifacts / "checkpoints", ws.artifacts / "checkpoints")
+    shutil.copytree(trained.artifacts / "checkpoints", ws.artifacts / "checkpoints-archive" / "20260101-000000")
+    history = ws.artifacts / "checkpoints" / "history.json"
+    history.write_bytes(history.read_bytes()[: history.stat().st_size // 2])  # a copy cut short
+
+    listed = ws.run("list_runs.py")
+    assert f"skipped {ws.artifacts / 'checkpoints'}: its history.json cannot be read" in listed.stdout
+    rows = [line for line in listed.stdout.splitlines() if line.startswith("| 1")]
+    assert len(rows) == 1 and "(current)" not in rows[0] and "checkpoints-archive" in rows[0]
+
+    shutil.rmtree(ws.artifacts / "checkpoints-archive")
+    alone = ws.run("list_runs.py")
+    assert "skipped" in alone.stdout and "no runs yet" not in alone.stdout and "Traceback" not in alone.stderr
