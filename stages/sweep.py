@@ -25,12 +25,14 @@ import itertools
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from lib.config import REPO_ROOT, stage_paths
+from lib.errors import PipelineError, Terminated, run_stage, set_interrupt_note, set_stage_name
 from lib.files import write_json_atomic, write_text_atomic
 from lib.key_values import parse_key_values
 
@@ -58,7 +60,7 @@ def run_name(setting: dict) -> str:
     return "_".join(f"{k}-{v}" for k, v in setting.items()) or "defaults"
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", help='space-separated key=v1,v2 (train.py flag names with _)')
     parser.add_argument("--epochs", type=int, default=20)
@@ -68,30 +70,87 @@ def main():
     parser.add_argument("--to-docs", metavar="NAME", help="write the finished runs' rows to docs/data/experiments/NAME.json")
     parser.add_argument("--title", default="", help="--to-docs: the table's title")
     parser.add_argument("--how", default="", help="--to-docs: how the runs were made (one sentence)")
-    args = parser.parse_args()
+    return parser
+
+
+def train_command(args, setting: dict, run_artifacts: Path) -> list[str]:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in setting.items()] + ["--epochs", str(args.epochs)]
+    return [sys.executable, str(REPO_ROOT / "stages" / "train.py"), "--data-dir", args.data_dir,
+            "--artifacts-dir", str(run_artifacts), *flags, *args.extra.split()]
+
+
+def run_training(cmd: list[str], log_path: Path) -> int:
+    """One run; its output goes to log_path. Ctrl+C stops the run as it stops train.py alone: the
+    run (in the sweep's process group, so it has the Ctrl+C too) saves last.pt and exits, then the
+    sweep stops; rerunning the sweep resumes that run. A SIGTERM for the sweep alone is passed on."""
+    # no terminal for its stdin: it would ask there whether to resume, with its question in the log
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = child.communicate()
+    except (KeyboardInterrupt, Terminated) as stop:  # run_stage ignores further signals from here on
+        if isinstance(stop, Terminated):
+            child.send_signal(signal.SIGTERM)
+        output, _ = child.communicate()  # a second Ctrl+C still reaches the run, which then aborts at once
+        log_path.write_text(output)
+        raise
+    log_path.write_text(output)
+    return child.returncode
+
+
+def check_before_training(args, paths: dict, settings: list[dict], sweep_dir: Path) -> None:
+    """What would fail every run, or one run hours in, is refused before the first one starts."""
+    missing = [str(p) for p in (paths["tokenizer"] / "spm.model", paths["encoded"] / "train.npy",
+                                paths["encoded"] / "val.npy") if not p.is_file()]
+    if missing:
+        raise PipelineError(f"a sweep trains on the existing tokenizer and token files; missing: {', '.join(missing)}",
+                            "build them first with `make encode` (`make sweep` does), with the same DATA_DIR and "
+                            "ARTIFACTS_DIR")
+    in_extra = {word[2:].split("=")[0].replace("-", "_") for word in args.extra.split() if word.startswith("--")}
+    both = sorted(in_extra & {key for setting in settings for key in setting})
+    if both:  # the later flag would win, and the table would name a setting that was not trained
+        raise PipelineError(f"--grid and --extra both set {', '.join(both)}",
+                            "give each setting in one place: SWEEP for what varies, --extra for what does not",
+                            exit_code=2)
+    if any("epochs" in setting for setting in settings):
+        raise PipelineError("--grid sets epochs, which --epochs sets for every run of a sweep",
+                            "give the epochs as SWEEP_EPOCHS=N (--epochs N) and leave them out of SWEEP", exit_code=2)
+    for setting in settings:  # train.py checks each run's flags itself, as it would at the run's start
+        checked = subprocess.run([*train_command(args, setting, sweep_dir / run_name(setting)), "--print-params"],
+                                 capture_output=True, text=True)
+        if checked.returncode != 0:
+            # its complaint without argparse's usage lines before it or its own "fix:" line
+            lines = checked.stderr.strip().splitlines()
+            first = next((i for i, line in enumerate(lines) if "error:" in line), 0)
+            complaint = "\n".join(line for line in lines[first:] if not line.strip().startswith("fix:"))
+            raise PipelineError(f"train.py refuses the run {run_name(setting)}; nothing was trained:\n{complaint}",
+                                "correct SWEEP / --grid: its keys are train.py's flags, with _ for -", exit_code=2)
+
+
+def main(args):
     if args.to_docs:
         return write_docs_table(Path(args.artifacts_dir) / "sweep", args)
     if not args.grid:
-        parser.error("--grid is required (or --to-docs)")
+        raise PipelineError("--grid is required (or --to-docs)", 'e.g. make sweep SWEEP="learning_rate=0.001,0.002"',
+                            exit_code=2)
 
     paths = stage_paths({"data_dir": args.data_dir, "artifacts_dir": args.artifacts_dir})
     sweep_dir = Path(args.artifacts_dir) / "sweep"
-    rows = []
-    for setting in parse_grid(args.grid):
+    settings = parse_grid(args.grid)
+    check_before_training(args, paths, settings, sweep_dir)
+    rows, failed = [], []
+    for setting in settings:
         name = run_name(setting) + f"_epochs-{args.epochs}" + (f"_{args.extra.replace(' ', '').replace('-', '')}" if args.extra else "")
         run_artifacts = sweep_dir / name
         (run_artifacts / "tokenizer").mkdir(parents=True, exist_ok=True)
         for f in paths["tokenizer"].iterdir():
             shutil.copy2(f, run_artifacts / "tokenizer" / f.name)
-        flags = [f"--{k.replace('_', '-')}={v}" for k, v in setting.items()] + ["--epochs", str(args.epochs)]
-        cmd = [sys.executable, str(REPO_ROOT / "stages" / "train.py"), "--data-dir", args.data_dir,
-               "--artifacts-dir", str(run_artifacts), *flags, *args.extra.split()]
+        cmd = train_command(args, setting, run_artifacts)
         print(f"[sweep] {name}: {' '.join(cmd[2:])}", flush=True)
         start = time.perf_counter()
-        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        (run_artifacts / "train.log").write_text(result.stdout)
-        if result.returncode != 0:
-            print(f"[sweep] {name} FAILED (exit {result.returncode}); log: {run_artifacts / 'train.log'}", flush=True)
+        returncode = run_training(cmd, run_artifacts / "train.log")
+        if returncode != 0:
+            print(f"[sweep] {name} FAILED (exit {returncode}); log: {run_artifacts / 'train.log'}", flush=True)
+            failed.append(run_artifacts / "train.log")
             continue
         epochs = json.loads((run_artifacts / "checkpoints" / "history.json").read_text())["epochs"]
         row = {"setting": setting, "name": name, "final_val": epochs[-1]["val_loss"],
@@ -110,6 +169,9 @@ def main():
               f"{r['final_train']:.3f} | {r['wall_s']:.0f} |" for r in table]
     write_text_atomic(sweep_dir / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+    if failed:  # the others are in the table; the exit code still says that the sweep is not whole
+        raise PipelineError(f"{len(failed)} of {len(settings)} runs failed; their logs: {', '.join(map(str, failed))}",
+                            "read the end of each log; rerun the same command to retry them (finished runs are reused)")
 
 
 def merge_results(sweep_dir: Path, rows: list[dict]) -> list[dict]:
@@ -157,4 +219,7 @@ def write_docs_table(sweep_dir: Path, args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    set_stage_name("sweep")
+    set_interrupt_note("the run it was training saved its progress (last.pt); run again, the sweep resumes that run "
+                       "and reuses the finished ones")
+    run_stage(main, build_parser().parse_args(), report_time=False)
