@@ -181,7 +181,12 @@ def main(cfg):
     if cfg["latency_steps"]:
         print(json.dumps({"runtime": cfg["runtime"], **measure_latency(generate, sp, max_seq_length, cfg)}))
         return
-    stream(generate, sp, cfg["prompt"], cfg)
+    try:
+        stream(generate, sp, cfg["prompt"], cfg)
+    except BrokenPipeError:
+        # the reader has what it wanted (`make generate | head`): stop without a word; the text
+        # still buffered for the closed pipe goes nowhere instead of failing again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 from conftest import REPO
@@ -124,6 +125,16 @@ def test_generate_beyond_the_context_uses_a_sliding_window(trained):
     out = trained.run("generate.py", "--prompt", "And the king", "--max-tokens", "100", "--temperature", "0")
     sp = spm.SentencePieceProcessor(model_file=str(trained.artifacts / "tokenizer" / "spm.model"))
     assert len(sp.encode(out.stdout.strip())) > 60
+
+
+def test_generate_into_a_pipe_that_closes_early_stops_quietly(trained):
+    """`make generate | head`: the reader leaves after 40 bytes; generate stops without a traceback."""
+    generate = (f"'{sys.executable}' '{REPO / 'stages' / 'generate.py'}' --data-dir '{trained.data}' "
+                f"--artifacts-dir '{trained.artifacts}' --max-tokens 20000 --temperature 1")
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", f"{generate} | head -c 40"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and len(result.stdout.encode()) == 40, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
 
 
 def test_generate_without_a_model_points_to_make_train(workspace):
