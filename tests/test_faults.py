@@ -290,3 +290,13 @@ def test_unknown_key_in_train_yaml_is_refused(encoded, tmp_path):
     config.write_text((REPO / "config" / "defaults.yaml").read_text().replace("  epochs: 20", "  epochs: 20\n  epoch: 3"))
     result = encoded.run("train.py", "--config", config, check=False)
     assert_clean_failure(result, "unknown key 'train.epoch'", code=2)
+
+
+def test_a_stage_whose_reader_leaves_stops_without_a_traceback(workspace):
+    """`python stages/list_runs.py | true`: the pipe's reader is gone before the first line is written."""
+    stage = (f"'{PYTHON}' '{REPO / 'stages' / 'list_runs.py'}' --data-dir '{workspace.data}' "
+             f"--artifacts-dir '{workspace.artifacts}'")
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", f"{stage} | true"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 141, result.stderr  # 128 + SIGPIPE, as any writer into a closed pipe
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr

@@ -2,20 +2,23 @@
 
 Every stage script ends with `run_stage(main, config)`: an expected failure
 (PipelineError) prints what is wrong, the fix and the troubleshooting section, and
-exits non-zero; Ctrl+C and SIGTERM exit 130 and 143.
+exits non-zero; Ctrl+C and SIGTERM exit 130 and 143, output into a pipe whose reader left
+(`... | head`) 141, each without a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import select
 import signal
 import sys
 import time
 from pathlib import Path
 
 TROUBLESHOOTING = "docs/troubleshooting.md"
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE = 0, 1, 2, 130, 143, 141
 
 
 class Terminated(BaseException):
@@ -167,6 +170,13 @@ def run_stage(main, cfg: dict, report_time: bool = True, log_file: Path | None =
         print(f"\n{what}: stage '{_STAGE}' stopped before finishing; {_INTERRUPT_NOTE}. Rerun the same command.",
               file=sys.stderr, flush=True)
         sys.exit(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT)
+    except BrokenPipeError:
+        if not _reader_gone(sys.stdout):
+            raise
+        # whoever read the output stopped reading (`... | head`): stop as a writer into a closed pipe does,
+        # without a traceback; what is still buffered goes nowhere instead of failing again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_SIGPIPE)
     except OSError as exc:
         explained = explain_os_error(exc)
         if explained is None:
@@ -177,6 +187,16 @@ def run_stage(main, cfg: dict, report_time: bool = True, log_file: Path | None =
         log(f"done in {time.perf_counter() - start:.1f}s")
     if log_file is not None:
         save_log(log_file)
+
+
+def _reader_gone(stream) -> bool:
+    """Whether `stream` is a pipe whose reading end is closed (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def explain_os_error(exc: OSError) -> PipelineError | None:

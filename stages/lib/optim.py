@@ -108,8 +108,12 @@ class LossModule(torch.nn.Module):
         return self.model.loss(x, y, chunk_tokens=self.chunk_tokens)
 
 
+def _unlabelled(name: str) -> contextlib.nullcontext:
+    return contextlib.nullcontext()
+
+
 def train_step(model, optimizer, x, y, autocast, loss_fn, grad_clip: float,
-               loss_weight: float = 1.0, phase=None) -> tuple[torch.Tensor, torch.Tensor]:
+               loss_weight: float = 1.0, phase=_unlabelled) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step: forward and loss, backward, clip the global gradient norm, optimizer update.
 
     Returns the loss and the gradient norm before clipping (grad_clip <= 0: no clipping).
@@ -117,7 +121,6 @@ def train_step(model, optimizer, x, y, autocast, loss_fn, grad_clip: float,
     phase, if given, is a context manager factory wrapped around the "forward", "backward" and
     "optimizer" parts (bench.py --profile passes torch.profiler.record_function).
     """
-    phase = phase or _unlabelled
     with phase("forward"), autocast():
         loss = loss_fn(x, y)
     with phase("backward"):
@@ -127,7 +130,3 @@ def train_step(model, optimizer, x, y, autocast, loss_fn, grad_clip: float,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss, norm
-
-
-def _unlabelled(name: str) -> contextlib.nullcontext:
-    return contextlib.nullcontext()
