@@ -80,21 +80,20 @@ def train_command(args, setting: dict, run_artifacts: Path) -> list[str]:
 
 
 def run_training(cmd: list[str], log_path: Path) -> int:
-    """One run; its output goes to log_path. Ctrl+C stops the run as it stops train.py alone: the
-    run (in the sweep's process group, so it has the Ctrl+C too) saves last.pt and exits, then the
-    sweep stops; rerunning the sweep resumes that run. A SIGTERM for the sweep alone is passed on."""
-    # no terminal for its stdin: it would ask there whether to resume, with its question in the log
-    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = child.communicate()
-    except (KeyboardInterrupt, Terminated) as stop:  # run_stage ignores further signals from here on
-        if isinstance(stop, Terminated):
-            child.send_signal(signal.SIGTERM)
-        output, _ = child.communicate()  # a second Ctrl+C still reaches the run, which then aborts at once
-        log_path.write_text(output)
-        raise
-    log_path.write_text(output)
-    return child.returncode
+    """One run, its output written straight to log_path (`tail -f` follows it). Ctrl+C stops the run
+    as it stops train.py alone: the run (in the sweep's process group, so it has the Ctrl+C too) saves
+    last.pt and exits, then the sweep stops; rerunning the sweep resumes that run. A SIGTERM for the
+    sweep alone is passed on."""
+    with open(log_path, "w") as log_file:
+        # no terminal for its stdin: it would ask there whether to resume, with its question in the log
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            return child.wait()
+        except (KeyboardInterrupt, Terminated) as stop:  # run_stage ignores further signals from here on
+            if isinstance(stop, Terminated):
+                child.send_signal(signal.SIGTERM)
+            child.wait()  # a second Ctrl+C still reaches the run, which then aborts at once
+            raise
 
 
 def check_before_training(args, paths: dict, settings: list[dict], sweep_dir: Path) -> None:
