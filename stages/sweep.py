@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_folder(sweep_dir: Path, args, setting: dict) -> Path:
+    """artifacts/sweep/RUN/: the setting, the epochs and the extra flags, in one name."""
+    extra = f"_{args.extra.replace(' ', '').replace('-', '')}" if args.extra else ""
+    return sweep_dir / (run_name(setting) + f"_epochs-{args.epochs}" + extra)
+
+
 def train_command(args, setting: dict, run_artifacts: Path) -> list[str]:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in setting.items()] + ["--epochs", str(args.epochs)]
     return [sys.executable, str(REPO_ROOT / "stages" / "train.py"), "--data-dir", args.data_dir,
@@ -114,8 +120,8 @@ def check_before_training(args, paths: dict, settings: list[dict], sweep_dir: Pa
         raise PipelineError("--grid sets epochs, which --epochs sets for every run of a sweep",
                             "give the epochs as SWEEP_EPOCHS=N (--epochs N) and leave them out of SWEEP", exit_code=2)
     for setting in settings:  # train.py checks each run's flags itself, as it would at the run's start
-        checked = subprocess.run([*train_command(args, setting, sweep_dir / run_name(setting)), "--print-params"],
-                                 capture_output=True, text=True)
+        command = train_command(args, setting, run_folder(sweep_dir, args, setting))
+        checked = subprocess.run([*command, "--print-params"], capture_output=True, text=True)
         if checked.returncode != 0:
             # its complaint without argparse's usage lines before it or its own "fix:" line
             lines = checked.stderr.strip().splitlines()
@@ -138,8 +144,8 @@ def main(args):
     check_before_training(args, paths, settings, sweep_dir)
     rows, failed = [], []
     for setting in settings:
-        name = run_name(setting) + f"_epochs-{args.epochs}" + (f"_{args.extra.replace(' ', '').replace('-', '')}" if args.extra else "")
-        run_artifacts = sweep_dir / name
+        run_artifacts = run_folder(sweep_dir, args, setting)
+        name = run_artifacts.name
         (run_artifacts / "tokenizer").mkdir(parents=True, exist_ok=True)
         for f in paths["tokenizer"].iterdir():
             shutil.copy2(f, run_artifacts / "tokenizer" / f.name)
