@@ -57,21 +57,24 @@ DATA_PARAMS := $(DATA_DIR)/params
 # (The YAML is not listed: it reaches each stage through its parameter file, so editing
 # one section reruns only the stages that read it.)
 LIB        := stages/lib
-BASE_CODE  := $(LIB)/__init__.py $(LIB)/config.py $(LIB)/errors.py $(LIB)/files.py
+BASE_CODE  := $(LIB)/__init__.py $(addprefix $(LIB)/runtime/,__init__.py config.py errors.py files.py stage.py)
 MODEL_CODE := model/__init__.py model/tiny_transformer.py
+DATA_CODE  := $(addprefix $(LIB)/data/,__init__.py batches.py language.py)
 CODE_download  := stages/download.py $(BASE_CODE)
 CODE_prepare   := stages/prepare.py $(BASE_CODE)
 CODE_tokenizer := stages/train_tokenizer.py $(BASE_CODE)
 CODE_encode    := stages/encode.py $(BASE_CODE)
-CODE_train     := stages/train.py $(BASE_CODE) $(MODEL_CODE) $(addprefix $(LIB)/,batches.py checkpoints.py code_files.py \
-                  distributed.py faults.py hardware.py language.py memory.py optim.py regularisation.py runs.py \
-                  samples.py training_state.py)
+CODE_train     := stages/train.py $(BASE_CODE) $(MODEL_CODE) $(DATA_CODE) $(LIB)/runtime/code_files.py \
+                  $(addprefix $(LIB)/training/,__init__.py checkpoints.py distributed.py faults.py hardware.py optim.py \
+                  regularisation.py runs.py samples.py state.py)
 # evaluate.py also runs generate.py, to time inference in a fresh process
-CODE_evaluate  := stages/evaluate.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) \
-                  $(addprefix $(LIB)/,batches.py checkpoints.py language.py onnx_runtime.py processes.py run_summary.py)
+CODE_evaluate  := stages/evaluate.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) $(DATA_CODE) \
+                  $(LIB)/runtime/processes.py $(addprefix $(LIB)/training/,__init__.py checkpoints.py run_summary.py) \
+                  $(addprefix $(LIB)/export/,__init__.py onnx_runtime.py)
 # export.py also runs generate.py, to time both runtimes in fresh processes
-CODE_export    := stages/export.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) \
-                  $(addprefix $(LIB)/,checkpoints.py export_proofs.py hf_export.py onnx_export.py onnx_runtime.py processes.py)
+CODE_export    := stages/export.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) $(LIB)/runtime/processes.py \
+                  $(addprefix $(LIB)/training/,__init__.py checkpoints.py) \
+                  $(addprefix $(LIB)/export/,__init__.py hf.py onnx.py onnx_runtime.py proofs.py)
 
 # ---------------------------------------------------------------- variables -> flags
 # Empty means "use config/defaults.yaml". `$(call flag,--x,VAR)` adds `--x 'value'` when VAR is set.
@@ -264,7 +267,7 @@ test: $(VENV_DONE) ## the whole test suite (TEST_WORKERS=2 processes)
 
 # ---------------------------------------------------------------- cleaning
 # Nothing is removed under a training run or an export that is still going: each holds an flock on
-# its lock file while it runs (lib/files.py), and flock(1) cannot take it then. (Without flock(1),
+# its lock file while it runs (lib/runtime/files.py), and flock(1) cannot take it then. (Without flock(1),
 # nothing is checked.)
 RUN_LOCKS = $(ARTIFACTS_DIR)/.train.lock $(ARTIFACTS_DIR)/export/.export.lock
 define refuse_while_running

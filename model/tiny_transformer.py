@@ -16,7 +16,7 @@ mlp.c_proj, ln_f): with learned positions and GELU the weights map one to one on
 Hugging Face's GPT2LMHeadModel (whose Conv1D weights are these Linear weights
 transposed; activation_function "gelu": the exact GELU, which PyTorch's CPU kernels run
 3x faster than the tanh approximation); with rotary positions onto GPTNeoXForCausalLM
-(stages/lib/hf_export.py).
+(stages/lib/export/hf.py).
 """
 
 from __future__ import annotations

@@ -60,13 +60,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.batches import get_batch, window_starts
-from lib.config import DEFAULT_CONFIG, REPO_ROOT, load_yaml, stage_paths
-from lib.files import write_json_atomic
-from lib.hardware import keep_freed_memory, resolve_dtype
-from lib.key_values import parse_key_values, typed_like
-from lib.optim import make_optimizer, train_step
-from lib.regularisation import resolve_dropout
+from lib.data.batches import get_batch, window_starts
+from lib.runtime.config import DEFAULT_CONFIG, REPO_ROOT, load_yaml, stage_paths
+from lib.runtime.files import write_json_atomic
+from lib.training.hardware import keep_freed_memory, resolve_dtype
+from lib.runtime.key_values import parse_key_values, typed_like
+from lib.training.optim import make_optimizer, train_step
+from lib.training.regularisation import resolve_dropout
 from model import ModelConfig, TinyTransformer, model_config
 
 
@@ -391,8 +391,8 @@ def process_worker(args) -> None:
     """One of the torchrun processes of --processes: times DDP steps with and without the gradient exchange."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from lib.distributed import join
-    from lib.optim import LossModule
+    from lib.training.distributed import join
+    from lib.training.optim import LossModule
 
     world = join("cpu")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))

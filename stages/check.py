@@ -19,8 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lib.config import REPO_ROOT, resolve_config, stage_parser
-from lib.errors import EXIT_FAILURE, TROUBLESHOOTING, log
+from lib.runtime.config import REPO_ROOT, resolve_config, stage_parser
+from lib.runtime.errors import EXIT_FAILURE, TROUBLESHOOTING
+from lib.runtime.stage import log
 
 REQUIRED = {"torch": "torch", "sentencepiece": "sentencepiece", "numpy": "numpy", "tqdm": "tqdm", "yaml": "PyYAML",
             "requests": "requests", "matplotlib": "matplotlib"}

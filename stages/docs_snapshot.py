@@ -30,11 +30,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lib.config import (NOT_RESULT_KEYS, REPO_ROOT, STAGE_LOGS, resolve_config, stage_log, stage_parser,
+from lib.runtime.config import (NOT_RESULT_KEYS, REPO_ROOT, STAGE_LOGS, resolve_config, stage_log, stage_parser,
                         stage_paths)
-from lib.errors import PipelineError, log, run_stage
-from lib.files import read_json, write_json_atomic
-from lib.machine import machine
+from lib.runtime.errors import PipelineError
+from lib.runtime.stage import log, run_stage
+from lib.runtime.files import read_json, write_json_atomic
+from lib.training.hardware import machine
 
 # stage name -> its script; `make all` + `make export` run these with the defaults
 STAGE_SCRIPTS = {"download": "download.py", "prepare": "prepare.py", "tokenizer": "train_tokenizer.py",

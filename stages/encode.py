@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
-from lib.errors import PipelineError, log, run_stage
-from lib.files import (atomic_path, human_bytes, inject_disk_full_fault, read_json, sha256_file, write_json_atomic,
+from lib.runtime.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
+from lib.runtime.errors import PipelineError
+from lib.runtime.stage import log, run_stage
+from lib.runtime.files import (atomic_path, human_bytes, inject_disk_full_fault, read_json, sha256_file, write_json_atomic,
                        write_text_atomic)
 
 

@@ -22,12 +22,12 @@ from contextlib import nullcontext
 import time
 from pathlib import Path
 
-from lib.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
-from lib.errors import log, run_stage
-from lib.files import atomic_path, read_json, write_json_atomic, write_text_atomic
-from lib.language import corpus_prompts, identify_language, words
-from lib.processes import run_script_json
-from lib.run_summary import settings_text, summarize_run
+from lib.runtime.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
+from lib.runtime.stage import log, run_stage
+from lib.runtime.files import atomic_path, read_json, write_json_atomic, write_text_atomic
+from lib.data.language import corpus_prompts, identify_language, words
+from lib.runtime.processes import run_script_json
+from lib.training.run_summary import settings_text, summarize_run
 
 # Floors from the spec and its on-device targets.
 LIMITS = {"val_loss": 5.0, "gap": 0.5, "max_repeat_run": 3, "repeated_3gram_share": 0.25, "p95_ms": 250.0,
@@ -184,8 +184,8 @@ def main(cfg):
     import sentencepiece as spm
     import torch
 
-    from lib.batches import load_split, mean_loss, window_starts
-    from lib.checkpoints import existing_checkpoint, load_model
+    from lib.data.batches import load_split, mean_loss, window_starts
+    from lib.training.checkpoints import existing_checkpoint, load_model
 
     log_config(cfg)
     paths = stage_paths(cfg)

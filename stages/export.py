@@ -10,7 +10,7 @@ hf/    a Hugging Face folder that `transformers` loads offline (AutoModelForCaus
 onnx/  model.onnx (with a key/value cache), model.json and spm.model: generation on
        onnxruntime + numpy + sentencepiece, without torch (`make generate RUNTIME=onnx`).
 
-Then, in a fresh process, the proofs of lib/export_proofs.py (token ids, logits,
+Then, in a fresh process, the proofs of lib/export/proofs.py (token ids, logits,
 greedy generation); a proof that fails fails the stage. Then both runtimes are timed
 the same way, each in a fresh process (generate.py --latency-steps): benchmark.json.
 Everything is written under artifacts/export/.staging-PID/ and renamed into place only
@@ -30,11 +30,12 @@ import os
 import shutil
 from pathlib import Path
 
-from lib.config import check_positive, log_config, public, resolve_config, stage_log, stage_parser, stage_paths
-from lib.errors import PipelineError, log, run_stage, set_interrupt_note, signals_held
-from lib.files import (damaged_files, file_records, human_bytes, lock_folder, read_json, sha256_file,
+from lib.runtime.config import check_positive, log_config, public, resolve_config, stage_log, stage_parser, stage_paths
+from lib.runtime.errors import PipelineError
+from lib.runtime.stage import log, run_stage, set_interrupt_note, signals_held
+from lib.runtime.files import (damaged_files, file_records, human_bytes, lock_folder, read_json, sha256_file,
                        write_json_atomic, write_text_atomic)
-from lib.processes import run_script_json
+from lib.runtime.processes import run_script_json
 
 RUNTIME_KEYS = ("p50_ms", "p95_ms", "tokens_per_s", "rss_mb", "peak_rss_mb")
 
@@ -64,7 +65,7 @@ def load_trained(cfg: dict, paths: dict):
     """The checkpoint as a model, its payload and the tokenizer; clear errors for what is missing or wrong."""
     import sentencepiece as spm
 
-    from lib.checkpoints import existing_checkpoint, load_model
+    from lib.training.checkpoints import existing_checkpoint, load_model
 
     path = existing_checkpoint(cfg, "export")
     tokenizer = read_json(paths["tokenizer"] / "tokenizer.json", "tokenizer sidecar", "run `make tokenizer`")
@@ -82,8 +83,8 @@ def write_exports(model, sp, paths: dict, staging: Path) -> None:
 
     import transformers
 
-    from lib.hf_export import hf_model, hf_tokenizer
-    from lib.onnx_export import export_onnx
+    from lib.export.hf import hf_model, hf_tokenizer
+    from lib.export.onnx import export_onnx
 
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
@@ -105,7 +106,7 @@ def prove(cfg: dict) -> None:
     """--prove STAGING: the proofs, in this (fresh) process, printed as one JSON line."""
     import numpy as np
 
-    from lib.export_proofs import run_proofs
+    from lib.export.proofs import run_proofs
 
     paths, staging = stage_paths(cfg), Path(cfg["prove"])
     _, model, _, sp = load_trained(cfg, paths)
@@ -143,7 +144,7 @@ def benchmark(cfg: dict, checkpoint: Path, onnx_dir: Path) -> dict:
 
 
 def write_model_card(payload: dict, model, paths: dict, staging: Path, proofs: dict) -> None:
-    from lib.hf_export import model_card
+    from lib.export.hf import model_card
 
     corpus = paths["raw"] / "corpus.json"
     report = paths["eval"] / "report.json"

@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.batches import epoch_windows
-from lib.checkpoints import load_model
-from lib.config import REPO_ROOT, resolve_config, stage_parser, stage_paths
-from lib.errors import PipelineError, log, run_stage
-from lib.files import atomic_path, read_json, write_json_atomic
-from lib.optim import lr_at
+from lib.data.batches import epoch_windows
+from lib.training.checkpoints import load_model
+from lib.runtime.config import REPO_ROOT, resolve_config, stage_parser, stage_paths
+from lib.runtime.errors import PipelineError
+from lib.runtime.stage import log, run_stage
+from lib.runtime.files import atomic_path, read_json, write_json_atomic
+from lib.training.optim import lr_at
 from model.tiny_transformer import next_token_probabilities, rotary_tables
 
 

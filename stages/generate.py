@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from lib.config import checkpoint_path, resolve_config, stage_parser, stage_paths
-from lib.errors import PipelineError, run_stage
-from lib.files import damaged_files, read_json, sha256_file
+from lib.runtime.config import checkpoint_path, resolve_config, stage_parser, stage_paths
+from lib.runtime.errors import PipelineError
+from lib.runtime.stage import run_stage
+from lib.runtime.files import damaged_files, read_json, sha256_file
 
 
 def build_parser():
@@ -62,7 +63,7 @@ def torch_runtime(cfg):
     import sentencepiece as spm
     import torch
 
-    from lib.checkpoints import existing_checkpoint, load_model
+    from lib.training.checkpoints import existing_checkpoint, load_model
 
     paths = stage_paths(cfg)
     path = existing_checkpoint(cfg, "generate from")
@@ -82,7 +83,7 @@ def onnx_runtime(cfg):
     """The ONNX export on onnxruntime + numpy + sentencepiece: the same triple, and no torch imported."""
     import sentencepiece as spm
 
-    from lib.onnx_runtime import OnnxLanguageModel
+    from lib.export.onnx_runtime import OnnxLanguageModel
 
     folder = Path(cfg["onnx_dir"]) if cfg["onnx_dir"] else stage_paths(cfg)["export"] / "onnx"
     if not (folder / "model.onnx").exists():

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lib.config import resolve_config, stage_parser, stage_paths
-from lib.errors import log, run_stage
-from lib.files import atomic_path, write_json_atomic, write_text_atomic
-from lib.run_summary import settings_text, summarize_run
+from lib.runtime.config import resolve_config, stage_parser, stage_paths
+from lib.runtime.stage import log, run_stage
+from lib.runtime.files import atomic_path, write_json_atomic, write_text_atomic
+from lib.training.run_summary import settings_text, summarize_run
 
 
 def kept_runs(paths: dict) -> tuple[list[dict], list[Path]]:

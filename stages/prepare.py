@@ -20,9 +20,10 @@ import time
 import unicodedata
 from pathlib import Path
 
-from lib.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
-from lib.errors import PipelineError, log, run_stage
-from lib.files import human_bytes, write_json_atomic, write_text_atomic
+from lib.runtime.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
+from lib.runtime.errors import PipelineError
+from lib.runtime.stage import log, run_stage
+from lib.runtime.files import human_bytes, write_json_atomic, write_text_atomic
 
 CORPUS_SECTION = "empty-or-corrupted-corpus"
 

@@ -31,10 +31,11 @@ import sys
 import time
 from pathlib import Path
 
-from lib.config import REPO_ROOT, stage_paths
-from lib.errors import PipelineError, Terminated, run_stage, set_interrupt_note, set_stage_name
-from lib.files import write_json_atomic, write_text_atomic
-from lib.key_values import parse_key_values
+from lib.runtime.config import REPO_ROOT, stage_paths
+from lib.runtime.errors import PipelineError, Terminated
+from lib.runtime.stage import run_stage, set_interrupt_note, set_stage_name
+from lib.runtime.files import write_json_atomic, write_text_atomic
+from lib.runtime.key_values import parse_key_values
 
 
 def parse_grid(text: str) -> list[dict]:
@@ -192,7 +193,7 @@ def merge_results(sweep_dir: Path, rows: list[dict]) -> list[dict]:
 
 def write_docs_table(sweep_dir: Path, args) -> None:
     """docs/data/experiments/NAME.json from the sweep's results, each run's speed from its history, with provenance."""
-    from lib.machine import machine
+    from lib.training.hardware import machine
 
     if not (sweep_dir / "results.json").exists():
         raise SystemExit(f"error: no sweep results in {sweep_dir}: run `make sweep SWEEP=...` first")

@@ -8,9 +8,9 @@
 
 Reads data/encoded/{train,val}.npy memory-mapped (checked against the tokenizer).
 An epoch is one pass over every training token in non-overlapping windows of
-max_seq_length, in an order shuffled per epoch by a seeded generator (lib/batches.py).
+max_seq_length, in an order shuffled per epoch by a seeded generator (lib/data/batches.py).
 AdamW (or Muon on the blocks' matrices), linear warmup then cosine or
-warmup-stable-decay, gradient clipping (lib/optim.py). After every epoch: validation over the whole validation split, the
+warmup-stable-decay, gradient clipping (lib/training/optim.py). After every epoch: validation over the whole validation split, the
 eval-mode loss on a fixed training slice of the same size (the overfitting gap is
 measured against that), one summary line, history.json and metrics.jsonl.
 Checkpoints: last.pt every epoch, epoch_NNN.pt every --checkpoint-every epochs,
@@ -18,14 +18,14 @@ best_model.pt, final_model.pt. train_done.json is written last: it
 is what make waits for.
 
 Resume: an unfinished run with identical data, tokenizer, code and config
-is resumed exactly (optimizer, schedule, RNG, position in the epoch; lib/runs.py).
+is resumed exactly (optimizer, schedule, RNG, position in the epoch; lib/training/runs.py).
 Ctrl+C or SIGTERM stops at the next step, saves last.pt and exits 130 / 143.
 
 Several processes (--nproc, --nnodes): the script replaces itself with torchrun, which
-starts it once per process; each trains on its slice of every batch (lib/distributed.py).
+starts it once per process; each trains on its slice of every batch (lib/training/distributed.py).
 
 main() at the bottom is the outline: setup() builds what is fixed for the run (a Run;
-its changing part is a Progress, both in lib/training_state.py), train_epoch() walks the
+its changing part is a Progress, both in lib/training/state.py), train_epoch() walks the
 batches, measure_epoch() and end_of_epoch() evaluate, log, save.
 """
 
@@ -48,20 +48,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.batches import epoch_windows, get_batch, load_training_data, loss_sum
-from lib.checkpoints import checkpoint_bytes, rng_state, save_checkpoint
-from lib.config import check_positive, log_config, public, resolve_config, stage_log, stage_parser, stage_paths
-from lib.distributed import World, join, launch_ranks, launched_by_torchrun, lost_peer, report_stop_to_launcher
-from lib.errors import EXIT_SIGINT, EXIT_SIGTERM, PipelineError, append_log_to, log, run_stage, silence_log
-from lib.faults import StopRequest, inject_fault
-from lib.files import human_bytes, write_json_atomic, write_text_atomic
-from lib.hardware import keep_freed_memory, resolve_device, resolve_dtype
-from lib.memory import check_memory, smaller_batch_hint
-from lib.optim import LossModule, lr_at, make_optimizer, set_learning_rate, train_step
-from lib.regularisation import dropout_setting, noise_inputs, resolve_dropout
-from lib.runs import acquire_lock, choose_start, fingerprint, resume_command, run_identity
-from lib.samples import generate_samples, sample_prompts
-from lib.training_state import Progress, Run, model_checkpoint, reseed_rank, restore, training_checkpoint
+from lib.data.batches import epoch_windows, get_batch, load_training_data, loss_sum
+from lib.training.checkpoints import checkpoint_bytes, rng_state, save_checkpoint
+from lib.runtime.config import check_positive, log_config, public, resolve_config, stage_log, stage_parser, stage_paths
+from lib.training.distributed import World, join, launch_ranks, launched_by_torchrun, lost_peer, report_stop_to_launcher
+from lib.runtime.errors import EXIT_SIGINT, EXIT_SIGTERM, PipelineError
+from lib.runtime.stage import append_log_to, log, run_stage, silence_log
+from lib.training.faults import StopRequest, inject_fault
+from lib.runtime.files import human_bytes, write_json_atomic, write_text_atomic
+from lib.training.hardware import keep_freed_memory, resolve_device, resolve_dtype
+from lib.training.hardware import check_memory, smaller_batch_hint
+from lib.training.optim import LossModule, lr_at, make_optimizer, set_learning_rate, train_step
+from lib.training.regularisation import dropout_setting, noise_inputs, resolve_dropout
+from lib.training.runs import acquire_lock, choose_start, fingerprint, resume_command, run_identity
+from lib.training.samples import generate_samples, sample_prompts
+from lib.training.state import Progress, Run, model_checkpoint, reseed_rank, restore, training_checkpoint
 from model import TinyTransformer, model_config
 
 

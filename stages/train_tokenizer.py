@@ -20,9 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from lib.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
-from lib.errors import PipelineError, log, run_stage
-from lib.files import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
+from lib.runtime.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
+from lib.runtime.errors import PipelineError
+from lib.runtime.stage import log, run_stage
+from lib.runtime.files import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
 
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
 

@@ -65,7 +65,7 @@ def test_transformers_loads_the_export_and_generates_our_tokens(exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(REPO / "stages"))
-    from lib.checkpoints import load_model
+    from lib.training.checkpoints import load_model
 
     hf_dir = exported.artifacts / "export" / "hf"
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)

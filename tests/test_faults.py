@@ -109,7 +109,7 @@ HELD_CLEANUP = """
 import sys, time
 sys.path.insert(0, "stages")
 import torch
-from lib.errors import run_stage, signals_held
+from lib.runtime.stage import run_stage, signals_held
 
 def main(cfg):
     torch.set_num_threads(2)
@@ -159,8 +159,8 @@ def test_garbage_checkpoint_is_named_in_the_error(trained, tmp_path):
     import random
     import sys
     sys.path.insert(0, str(REPO / "stages"))
-    from lib.checkpoints import load_checkpoint
-    from lib.errors import PipelineError
+    from lib.training.checkpoints import load_checkpoint
+    from lib.runtime.errors import PipelineError
 
     garbage = tmp_path / "garbage.pt"
     # Random bytes make the unpickler fail in many ways (IndexError, KeyError, ...): every one is a clear error.

@@ -17,10 +17,10 @@ from pathlib import Path
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "stages"))
-from lib.code_files import code_files, local_imports  # noqa: E402
+from lib.runtime.code_files import code_files, local_imports  # noqa: E402
 
 SCRIPTS = sorted((REPO / "stages").glob("*.py"))
-MODULES = sorted((REPO / "stages" / "lib").glob("*.py")) + sorted((REPO / "model").glob("*.py"))
+MODULES = sorted((REPO / "stages" / "lib").rglob("*.py")) + sorted((REPO / "model").glob("*.py"))
 # The stages whose outputs are files make tracks (the others always run).
 FILE_STAGES = {"download.py", "prepare.py", "train_tokenizer.py", "encode.py", "train.py", "evaluate.py", "export.py"}
 
@@ -63,8 +63,8 @@ def test_no_stage_script_imports_another():
 
 def test_local_imports_are_found_through_other_modules():
     train = relative(code_files(REPO / "stages" / "train.py"))
-    # train.py imports lib.runs, which imports lib.checkpoints, which imports model lazily
-    assert {"stages/lib/runs.py", "stages/lib/checkpoints.py", "model/tiny_transformer.py", "stages/lib/__init__.py"} <= train
+    # train.py imports lib.training.runs, which imports lib.training.checkpoints, which imports model lazily
+    assert {"stages/lib/training/runs.py", "stages/lib/training/checkpoints.py", "model/tiny_transformer.py", "stages/lib/__init__.py"} <= train
     prepare = relative(code_files(REPO / "stages" / "prepare.py"))
     assert not any(p.startswith("model/") for p in prepare), "prepare.py does not use the model"
     assert "stages/generate.py" in relative(code_files(REPO / "stages" / "evaluate.py")), "evaluate.py runs generate.py"

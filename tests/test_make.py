@@ -63,7 +63,7 @@ def test_make_all_then_only_what_changed_rebuilds(project):
     # A shared module only training imports: make reruns train and train starts a new run
     # (the code is part of the run's identity), never "already finished".
     time.sleep(1.1)
-    memory_module = proj / "stages" / "lib" / "memory.py"
+    memory_module = proj / "stages" / "lib" / "training" / "optim.py"
     memory_module.write_text(memory_module.read_text() + "\n# edited\n")
     edited = make(proj, "train", *tiny, "LR=0.001", "EPOCHS=2")
     assert ran(edited.stdout) == ["train.py"]

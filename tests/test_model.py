@@ -264,7 +264,7 @@ def test_checkpoints_of_earlier_architectures_still_load(tmp_path):
     """A best_model.pt of the first block (no positions/activation keys) and of the rotary block (no option keys)
     loads with load_model and computes what it computed."""
     sys.path.insert(0, str(REPO / "stages"))
-    from lib.checkpoints import load_model
+    from lib.training.checkpoints import load_model
     first = {"vocab_size": 300, "n_layers": 2, "d_model": 32, "n_heads": 4, "mlp_ratio": 4, "dropout": 0.0,
              "max_seq_length": 24}
     rotary = {**first, "positions": "rotary", "rotary_base": 10000.0, "rotary_fraction": 1.0, "activation": "relu2"}

@@ -57,7 +57,7 @@ def test_tiny_training_learns_and_writes_every_artifact(encoded):
 
 
 def test_auto_dropout_is_0_2_on_the_default_corpus_and_grows_as_the_text_shrinks():
-    from lib.regularisation import resolve_dropout
+    from lib.training.regularisation import resolve_dropout
     assert resolve_dropout("auto", 667_136)[0] == 0.2    # the default corpus's training split
     assert resolve_dropout("auto", 5_000_000)[0] == 0.2  # more text never lowers it
     assert resolve_dropout("auto", 433_333)[0] == 0.3    # 2/3 of the default corpus
@@ -82,7 +82,7 @@ def test_checkpoint_is_plain_and_loads_with_weights_only(encoded):
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
-    from lib.optim import lr_at
+    from lib.training.optim import lr_at
     cfg = {"learning_rate": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 10}
     lrs = [lr_at(s, cfg, 110) for s in range(110)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
@@ -93,7 +93,7 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 
 
 def test_wsd_schedule_holds_the_peak_then_decays_linearly_to_the_floor():
-    from lib.optim import lr_at
+    from lib.training.optim import lr_at
     cfg = {"learning_rate": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 10, "lr_schedule": "wsd", "decay_fraction": 0.2}
     lrs = [lr_at(s, cfg, 110) for s in range(110)]
     assert lrs[9] == pytest.approx(1e-3) and lrs[89] == pytest.approx(1e-3)  # stable until the last 20 of 100 steps
@@ -103,7 +103,7 @@ def test_wsd_schedule_holds_the_peak_then_decays_linearly_to_the_floor():
 
 
 def test_muon_moves_the_block_matrices_and_resumes_from_its_state_dict():
-    from lib.optim import make_optimizer, set_learning_rate, train_step
+    from lib.training.optim import make_optimizer, set_learning_rate, train_step
     from model import ModelConfig, TinyTransformer
     cfg = {"learning_rate": 1e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "optimizer": "muon",
            "muon_lr_scale": 3.0, "muon_momentum": 0.95, "muon_weight_decay": 0.1}
@@ -137,8 +137,8 @@ def test_muon_moves_the_block_matrices_and_resumes_from_its_state_dict():
 
 def test_input_noise_swaps_about_the_rate_for_tokens_of_the_text_and_leaves_the_batch_alone():
     import numpy as np
-    from lib.batches import get_batch
-    from lib.regularisation import noise_inputs
+    from lib.data.batches import get_batch
+    from lib.training.regularisation import noise_inputs
     text = np.arange(1000, 3000, dtype=np.uint16)
     x, y = get_batch(text, np.array([0, 500, 1000]), 300, "cpu")
     before_x, before_y = x.clone(), y.clone()
@@ -314,7 +314,7 @@ def test_bf16_fast_path_and_plain_fp32_path_both_train(tmp_path, corpus_file):
 
 
 def test_progress_samples_use_the_bible_prompts_for_the_default_corpus(tmp_path):
-    from lib.samples import SAMPLE_PROMPTS, sample_prompts
+    from lib.training.samples import SAMPLE_PROMPTS, sample_prompts
     (tmp_path / "raw").mkdir()
     (tmp_path / "prepared").mkdir()
     (tmp_path / "raw" / "corpus.json").write_text(json.dumps({"source": {"kind": "wheel"}}))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 STAGES_DIR = REPO_ROOT / "stages"
 # Where `import x` finds local code: the script's folder (python puts it first on sys.path)
 # and the repository root (lib/__init__.py adds it, for `model`).
@@ -48,7 +48,7 @@ def _imported_modules(tree: ast.AST, path: Path) -> set[str]:
 
 
 def _with_parent_packages(dotted: str) -> list[str]:
-    """Importing lib.config also runs lib/__init__.py."""
+    """Importing lib.runtime.config also runs lib/__init__.py."""
     parts = dotted.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import yaml
 
-from lib.errors import EXIT_OK, EXIT_USAGE, PipelineError, log, set_stage_name
-from lib.files import write_text_atomic
+from lib.runtime.errors import EXIT_OK, EXIT_USAGE, PipelineError
+from lib.runtime.stage import log, set_stage_name
+from lib.runtime.files import write_text_atomic
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# train.py's settings for several processes (lib/distributed.py): how it runs, not what it learns
+REPO_ROOT = Path(__file__).resolve().parents[3]
+# train.py's settings for several processes (lib/training/distributed.py): how it runs, not what it learns
 LAUNCH_KEYS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
 # Where files live and how hard to try are not what a stage produces: they stay out of the parameter
 # files, so another ARTIFACTS_DIR or a longer timeout reruns nothing.

@@ -16,7 +16,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from lib.errors import PipelineError
+from lib.runtime.errors import PipelineError
 
 
 def human_bytes(n: float) -> str:

@@ -2,7 +2,7 @@
 what its checkpoint files hold, and how a saved run is restored for an exact resume.
 
 train.py builds a Run in setup() and a Progress in restore(); the checkpoint keys are
-those documented in lib/checkpoints.py.
+those documented in lib/training/checkpoints.py.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.batches import TrainingData
-from lib.checkpoints import restore_rng_state
-from lib.config import public
-from lib.distributed import World
-from lib.errors import PipelineError, log
+from lib.data.batches import TrainingData
+from lib.training.checkpoints import restore_rng_state
+from lib.runtime.config import public
+from lib.training.distributed import World
+from lib.runtime.errors import PipelineError
+from lib.runtime.stage import log
 from model import ModelConfig, TinyTransformer
 
 
@@ -99,7 +100,7 @@ def reseed_rank(seed: int, rank: int) -> None:
 
 
 def model_checkpoint(run: Run, state: Progress, kind: str, epoch: int, **extra) -> dict:
-    """best_model.pt / final_model.pt: the weights and what they are (see lib/checkpoints.py)."""
+    """best_model.pt / final_model.pt: the weights and what they are (see lib/training/checkpoints.py)."""
     return {"kind": kind, "model": run.model.state_dict(), "model_config": run.model_config.to_dict(),
             "config": public(run.cfg), "tokenizer_sha256": run.data.tokenizer["model_sha256"], "fingerprint": run.fingerprint,
             "epoch": epoch, "step": state.step, "best_val_loss": state.best_val, **extra}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lib.files import read_json
-from lib.language import corpus_prompts
+from lib.runtime.files import read_json
+from lib.data.language import corpus_prompts
 
 SAMPLE_PROMPTS = {"en": "In the beginning", "es": "En el principio"}
 

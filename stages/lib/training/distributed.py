@@ -31,8 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lib.config import LAUNCH_KEYS
-from lib.errors import EXIT_SIGINT, EXIT_SIGTERM, PipelineError, log
+from lib.runtime.config import LAUNCH_KEYS
+from lib.runtime.errors import EXIT_SIGINT, EXIT_SIGTERM, PipelineError
+from lib.runtime.stage import log
 
 
 @dataclass

@@ -18,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from lib.checkpoints import load_checkpoint
-from lib.code_files import code_files
-from lib.config import DEFAULT_CONFIG, LAUNCH_KEYS, REPO_ROOT, public
-from lib.distributed import LAUNCH_SETTINGS_ENV
-from lib.errors import PipelineError, log
-from lib.files import FolderLock, lock_folder
+from lib.training.checkpoints import load_checkpoint
+from lib.runtime.code_files import code_files
+from lib.runtime.config import DEFAULT_CONFIG, LAUNCH_KEYS, REPO_ROOT, public
+from lib.training.distributed import LAUNCH_SETTINGS_ENV
+from lib.runtime.errors import PipelineError
+from lib.runtime.stage import log
+from lib.runtime.files import FolderLock, lock_folder
 
 # Keys that do not change what is learned: a run that differs only in these is the same run.
 # The number of processes is one of them: a step over a global batch is the same step however many

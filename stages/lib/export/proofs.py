@@ -71,7 +71,7 @@ def prove_greedy(prompts: list[str], sp, ours, others: dict, tokens: dict) -> di
 def run_proofs(hf_dir: Path, onnx_dir: Path, model, sp, val_text: str, val_tokens: np.ndarray, cfg: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lib.onnx_runtime import OnnxLanguageModel
+    from lib.export.onnx_runtime import OnnxLanguageModel
 
     hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

@@ -14,9 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lib.errors import PipelineError
+from lib.runtime.errors import PipelineError
 
-STAGES_DIR = Path(__file__).resolve().parents[1]
+STAGES_DIR = Path(__file__).resolve().parents[2]
 
 
 def run_script_json(cfg: dict, script: str, args: list[str], what: str) -> dict:

@@ -1,4 +1,4 @@
-"""TinyTransformer -> ONNX with a key/value cache, for generation without torch (lib/onnx_runtime.py).
+"""TinyTransformer -> ONNX with a key/value cache, for generation without torch (lib/export/onnx_runtime.py).
 
 One graph serves the prompt and every later step: it takes the new tokens and the cache
 of the tokens before them, so a position may attend to every cached position and to the

@@ -1,5 +1,5 @@
 """Which language a text is in, and prompts taken from a corpus: used by training's progress
-samples (lib/samples.py) and by evaluate.py's scored samples."""
+samples (lib/training/samples.py) and by evaluate.py's scored samples."""
 
 from __future__ import annotations
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.config import checkpoint_path, stage_paths
-from lib.errors import PipelineError
-from lib.files import write_bytes_atomic
+from lib.runtime.config import checkpoint_path, stage_paths
+from lib.runtime.errors import PipelineError
+from lib.runtime.files import write_bytes_atomic
 
 FORMAT = "tiny-transformer-checkpoint/1"
 
@@ -42,7 +42,7 @@ def checkpoint_bytes(payload: dict) -> bytes:
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write atomically. A full disk is an OSError here, never torch's 'unexpected pos' RuntimeError,
-    so it becomes the clear disk-full message of lib/files.py."""
+    so it becomes the clear disk-full message of lib/runtime/files.py."""
     write_bytes_atomic(path, checkpoint_bytes(payload))
 
 

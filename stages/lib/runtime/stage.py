@@ -17,13 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-TROUBLESHOOTING = "docs/troubleshooting.md"
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE = 0, 1, 2, 130, 143, 141
-
-
-class Terminated(BaseException):
-    """Raised in the main thread when SIGTERM arrives (BaseException: not caught by `except Exception`)."""
-
+from lib.runtime.errors import EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM, PipelineError, Terminated
+from lib.runtime.files import disk_full_error, write_text_atomic
 
 @contextlib.contextmanager
 def signals_held():
@@ -43,25 +38,6 @@ def signals_held():
             signal.signal(signum, handler)
         if held:
             signal.raise_signal(held[0])  # now handled as it would have been (or ignored, if it is ignored now)
-
-
-class PipelineError(Exception):
-    """An expected failure: printed as one clear message, never as a traceback.
-
-    `section` names the matching part of docs/troubleshooting.md.
-    """
-
-    def __init__(self, message: str, fix: str = "", section: str = "", exit_code: int = EXIT_FAILURE):
-        super().__init__(message)
-        self.message, self.fix, self.section, self.exit_code = message, fix, section, exit_code
-
-    def __str__(self) -> str:
-        text = f"error: {self.message}"
-        if self.fix:
-            text += f"\n  fix: {self.fix}"
-        if self.section:
-            text += f"\n  see: {TROUBLESHOOTING}#{self.section}"
-        return text
 
 
 # ----------------------------------------------------------------------------- logging
@@ -131,8 +107,6 @@ def _write_log_lines(lines: list[str]) -> None:
 
 def save_log(path: Path) -> None:
     """The lines of this successful run, written whole (temp file + rename) beside the stage's outputs."""
-    from lib.files import write_text_atomic  # lib.files imports this module
-
     try:
         write_text_atomic(path, "".join(line + "\n" for line in _LINES))
     except OSError:
@@ -203,8 +177,6 @@ def explain_os_error(exc: OSError) -> PipelineError | None:
     """A full disk, a read-only folder or a missing permission, said as what to do; None for anything else."""
     where = Path(exc.filename) if exc.filename else None
     if exc.errno == errno.ENOSPC:
-        from lib.files import disk_full_error  # lib.files imports this module
-
         return disk_full_error(where or Path("a file"), kept=f"stage '{_STAGE}' stopped and its finished outputs are "
                                                              f"untouched")
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):

@@ -1,6 +1,6 @@
 """Generation with the exported ONNX model on onnxruntime and numpy: no torch anywhere.
 
-The graph (written by lib/onnx_export.py) takes the new token ids and the key/value
+The graph (written by lib/export/onnx.py) takes the new token ids and the key/value
 cache of the tokens before them, and returns the next-token logits and the grown
 cache:
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lib.errors import PipelineError
-from lib.files import read_json, sha256_file
+from lib.runtime.errors import PipelineError
+from lib.runtime.files import read_json, sha256_file
 
 
 def load_split(paths, split: str, tokenizer: dict) -> tuple[np.ndarray, dict]:
