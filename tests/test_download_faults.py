@@ -1,5 +1,5 @@
 """Real download faults: an endless stream, a huge Content-Length, a full disk (a tmpfs) mid-stream,
-and a partial file that belongs to another URL or to an older copy of the file. The server is a real
+a server that trickles, and a partial file that belongs to another URL or to an older copy of the file. The server is a real
 HTTP server on 127.0.0.1; every request loop is bounded in bytes and time."""
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ class FaultServer(http.server.ThreadingHTTPServer):
     """/endless: 64 KB blocks without Content-Length until the client leaves (at most 300 MB or 60 s).
     /huge: announces 50 GB, then sends nothing. /file: `body` with `etag`, honouring Range (and, when
     `honour_if_range`, If-Range); `plan` of 'drop' sends half and closes; without `length` the body is
-    close-delimited."""
+    close-delimited; with `trickle_s`, one byte every `trickle_s` seconds (for 60 s at most)."""
 
     daemon_threads = True
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), FaultHandler)
         self.body, self.etag, self.plan, self.length, self.honour_if_range = b"", "v1", [], True, True
+        self.trickle_s = 0.0
         self.requests: list[dict] = []
 
     def url(self, path):
@@ -80,6 +81,15 @@ class FaultHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(part[: len(part) // 2])
             self.wfile.flush()
             self.connection.shutdown(2)
+            return
+        if srv.trickle_s:
+            deadline = time.time() + 60
+            for i in range(len(part)):
+                if time.time() > deadline:
+                    break
+                self.wfile.write(part[i:i + 1])
+                self.wfile.flush()
+                time.sleep(srv.trickle_s)
             return
         for i in range(0, len(part), 1 << 16):
             self.wfile.write(part[i:i + (1 << 16)])
@@ -136,6 +146,28 @@ def test_disk_full_mid_download_is_explained_and_resumed_after_space_is_freed(wo
         assert (workspace.data / "raw" / "corpus.txt").read_bytes() == fault_server.body
         assert fault_server.requests[-1]["range"].startswith("bytes="), "the second run continues the partial file"
         assert raw_files(workspace) == ["corpus.json", "corpus.txt", "download.log"]
+
+
+def test_a_trickling_server_is_left_after_the_stall_timeout_and_the_rerun_resumes(workspace, fault_server):
+    """One byte every 50 ms answers every read long before the 30 s read timeout: only the minimum rate
+    over the stall window (2 s here, 300 s by default) ends it."""
+    fault_server.body, fault_server.trickle_s = b"a line of the trickled corpus\n" * 2000, 0.05
+    url = fault_server.url("/file")
+    started = time.time()
+    stalled = workspace.run("download.py", "--corpus-url", url, "--stall-timeout-s", "2", check=False, timeout=120)
+    assert time.time() - started < 30, "left after about one stall window, not after the server's 60 s"
+    assert_clean_failure(stalled, "stalled", "arrived in the last 2 s, less than 1.00 KB/s", "resumed next time",
+                         "--stall-timeout-s", "#corpus-download-fails")
+    kept = (workspace.data / "raw" / "corpus.txt.part").read_bytes()
+    assert len(kept) >= 10 and fault_server.body.startswith(kept), "every byte that arrived is kept"
+    assert f"the {len(kept)} B downloaded so far are kept" in stalled.stderr, "the message counts what arrived"
+    assert len(fault_server.requests) == 1, "a stall is not retried"
+
+    fault_server.trickle_s = 0.0
+    workspace.run("download.py", "--corpus-url", url)
+    assert fault_server.requests[-1]["range"] == f"bytes={len(kept)}-"
+    assert (workspace.data / "raw" / "corpus.txt").read_bytes() == fault_server.body
+    assert raw_files(workspace) == ["corpus.json", "corpus.txt", "download.log"]
 
 
 def test_partial_download_of_another_url_is_not_spliced_in(workspace, fault_server):
