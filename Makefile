@@ -15,9 +15,13 @@
 # Only `make train` and `make all` train (see "which commands train" below): every other
 # target uses the trained model as it is, whatever Make variables trained it.
 
+# GNU make 3.81 or newer (the one macOS ships): no grouped targets (`&:`), no function newer than 3.81.
+# There .SHELLFLAGS is ignored and recipes run without bash's -e -o pipefail, which none relies on.
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
-.DELETE_ON_ERROR:
+# No .DELETE_ON_ERROR: make must never delete a stage's outputs. The stages write each file atomically
+# (temp file + rename), so a failed recipe leaves every file whole, old or new, and what marks a data
+# stage done is its record (outputs.json, below), written only after the stage succeeded.
 .SUFFIXES:
 MAKEFLAGS += --no-builtin-rules --no-print-directory
 .DEFAULT_GOAL := help
@@ -50,6 +54,25 @@ EXPORT   := $(ARTIFACTS_DIR)/export
 PARAMS   := $(ARTIFACTS_DIR)/params
 DATA_PARAMS := $(DATA_DIR)/params
 
+# ---------------------------------------------------------------- paths make can carry
+# Make splits file names at spaces and reads : ; # % = | * ? [ ] ( ) $ \ and a leading ~ as its own
+# syntax, and the recipes hand folders to bash: a folder holding one of these would silently be other
+# files (DATA_DIR="my data" is the folders `my` and `data`). Refused before any rule runs.
+UNSAFE_CHARS := : ; \# % = | * ? [ ] ( ) $$ \ ' " ` & < > ! { }
+space := $(subst ,, )
+define newline
+
+
+endef
+unsafe_chars = $(strip $(if $(filter-out 1,$(words x$(value $(1))x)),a space) $(if $(filter ~%,$(value $(1))),a leading ~) \
+                 $(foreach c,$(UNSAFE_CHARS),$(if $(findstring $(c),$(value $(1))),$(c))))
+safe_path = $(if $(1),$(call safe_path,$(wordlist 2,99,$(1)),$(subst $(firstword $(1)),_,$(2))),$(patsubst ~%,$(HOME)%,$(subst $(space),_,$(2))))
+refuse_unsafe_path = $(if $(call unsafe_chars,$(1)),$(error $(1)='$(value $(1))' holds $(call unsafe_chars,$(1)), \
+  which make cannot carry in a file name; nothing was run$(newline)  fix: rerun with \
+  $(1)=$(call safe_path,$(UNSAFE_CHARS),$(value $(1))), or any path of letters, digits and / . _ - + @ , \
+  (a link to the folder works too)$(newline)  see: docs/troubleshooting.md#make-refuses-a-path-or-a-date$(newline)))
+$(foreach variable,VENV DATA_DIR ARTIFACTS_DIR CONFIG PYTHON,$(call refuse_unsafe_path,$(variable)))
+
 # ---------------------------------------------------------------- the code each stage runs
 # A stage's outputs depend on its script and on every local module it imports, directly or
 # through another module, so editing a module reruns exactly the stages that use it.
@@ -60,21 +83,23 @@ LIB        := stages/lib
 BASE_CODE  := $(LIB)/__init__.py $(addprefix $(LIB)/runtime/,__init__.py config.py errors.py files.py stage.py)
 MODEL_CODE := model/__init__.py model/tiny_transformer.py
 DATA_CODE  := $(addprefix $(LIB)/data/,__init__.py batches.py language.py)
-CODE_download  := stages/download.py $(BASE_CODE)
+CODE_download  := stages/download.py $(BASE_CODE) $(addprefix $(LIB)/data/,__init__.py html_text.py http_download.py \
+                  http_stream.py local_corpus.py)
 CODE_prepare   := stages/prepare.py $(BASE_CODE)
 CODE_tokenizer := stages/train_tokenizer.py $(BASE_CODE)
 CODE_encode    := stages/encode.py $(BASE_CODE)
-CODE_train     := stages/train.py $(BASE_CODE) $(MODEL_CODE) $(DATA_CODE) $(LIB)/runtime/code_files.py \
-                  $(addprefix $(LIB)/training/,__init__.py checkpoints.py distributed.py faults.py hardware.py optim.py \
-                  regularisation.py runs.py samples.py state.py)
+CODE_train     := stages/train.py $(BASE_CODE) $(MODEL_CODE) $(DATA_CODE) $(addprefix model/,fast_cpu.py) \
+                  $(addprefix $(LIB)/runtime/,code_files.py) $(addprefix $(LIB)/training/,__init__.py checkpoints.py \
+                  distributed.py guards.py hardware.py launch.py optim.py regularisation.py runs.py samples.py \
+                  state.py)
 # evaluate.py also runs generate.py, to time inference in a fresh process
-CODE_evaluate  := stages/evaluate.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) $(DATA_CODE) \
-                  $(LIB)/runtime/processes.py $(addprefix $(LIB)/training/,__init__.py checkpoints.py run_summary.py) \
-                  $(addprefix $(LIB)/export/,__init__.py onnx_runtime.py)
+CODE_evaluate  := stages/evaluate.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) $(DATA_CODE) $(addprefix \
+                  $(LIB)/runtime/,processes.py) $(addprefix $(LIB)/training/,__init__.py checkpoints.py \
+                  run_summary.py) $(addprefix $(LIB)/export/,__init__.py onnx_runtime.py)
 # export.py also runs generate.py, to time both runtimes in fresh processes
-CODE_export    := stages/export.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) $(LIB)/runtime/processes.py \
-                  $(addprefix $(LIB)/training/,__init__.py checkpoints.py) \
-                  $(addprefix $(LIB)/export/,__init__.py hf.py onnx.py onnx_runtime.py proofs.py)
+CODE_export    := stages/export.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) $(addprefix \
+                  $(LIB)/runtime/,processes.py) $(addprefix $(LIB)/training/,__init__.py checkpoints.py) $(addprefix \
+                  $(LIB)/export/,__init__.py hf.py onnx.py onnx_runtime.py proofs.py)
 
 # ---------------------------------------------------------------- variables -> flags
 # Empty means "use config/defaults.yaml". `$(call flag,--x,VAR)` adds `--x 'value'` when VAR is set.
@@ -86,7 +111,7 @@ FLAGS_source    = $(call flag,--corpus-path,CORPUS_PATH) $(call flag,--corpus-ur
                   $(call flag,--package-index-args,PACKAGE_INDEX_ARGS)
 FLAGS_download  = $(FLAGS_source) $(call flag,--corpus-sha256,CORPUS_SHA256) \
                   $(call flag,--target-bytes,CORPUS_BYTES) $(call flag,--english-share,ENGLISH_SHARE) \
-                  $(call flag,--max-download-mb,MAX_DOWNLOAD_MB)
+                  $(call flag,--max-download-mb,MAX_DOWNLOAD_MB) $(call flag,--stall-timeout-s,STALL_TIMEOUT_S)
 FLAGS_prepare   = $(call flag,--val-fraction,VAL_FRACTION) $(call flag,--split-seed,SPLIT_SEED)
 FLAGS_tokenizer = $(call flag,--vocab-size,VOCAB_SIZE)
 FLAGS_encode    =
@@ -113,10 +138,7 @@ FLAGS_generate  = $(call flag,--checkpoint,CHECKPOINT) $(call flag,--prompt,PROM
                   $(call flag,--runtime,RUNTIME)
 FLAGS_export    = $(call flag,--checkpoint,CHECKPOINT)
 
-# A local corpus is an input like any other: editing it reruns the pipeline from download.
-CORPUS_INPUTS = $(if $(CORPUS_PATH),$(if $(wildcard $(CORPUS_PATH)/.),$(wildcard $(CORPUS_PATH)/*.txt $(CORPUS_PATH)/*.html $(CORPUS_PATH)/*.htm),$(wildcard $(CORPUS_PATH))))
-
-.PHONY: help all check download prepare tokenizer encode train evaluate export docs generate runs bench sweep test venv \
+.PHONY: help all check download prepare tokenizer encode train evaluate export docs generate runs bench sweep test test-fast venv \
         clean-checkpoints clean distclean FORCE
 
 help: ## list targets and variables
@@ -131,6 +153,7 @@ help: ## list targets and variables
 	@echo "  check      MIN_FREE_GB=2"
 	@echo "  download   CORPUS_PATH=<file or folder> CORPUS_URL=<url> CORPUS_SHA256=<hex> CORPUS_BYTES=3000000"
 	@echo "             ENGLISH_SHARE=0.5 PACKAGE_INDEX_ARGS=<extra pip options> MAX_DOWNLOAD_MB=1024"
+	@echo "             STALL_TIMEOUT_S=300 (a download slower than 1 KB/s for this long stops; a rerun resumes)"
 	@echo "  prepare    VAL_FRACTION=0.1 SPLIT_SEED=1234"
 	@echo "  tokenizer  VOCAB_SIZE=8000"
 	@echo "  train      LR=0.002 EPOCHS=20 BATCH_SIZE=32 SEQ_LEN=256 WARMUP=100 MIN_LR_RATIO=0.1 DROPOUT=auto INPUT_NOISE=0.2"
@@ -142,7 +165,7 @@ help: ## list targets and variables
 	@echo "             NPROC=1 (torchrun processes) NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500"
 	@echo "  evaluate   CHECKPOINT=best_model.pt TEMPERATURE=0.8 TOP_K=50 TOP_P=1.0"
 	@echo "  export     CHECKPOINT=best_model.pt"
-	@echo "  generate   PROMPT='En el principio' MAX_TOKENS=100 TEMPERATURE=0.8 TOP_K=50 GEN_SEED=1 RUNTIME=torch|onnx"
+	@echo "  generate   PROMPT='In the beginning' MAX_TOKENS=100 TEMPERATURE=0.8 TOP_K=50 GEN_SEED=1 RUNTIME=torch|onnx"
 	@echo "  sweep      SWEEP='learning_rate=0.0003,0.001 dropout=0.0,0.1' SWEEP_EPOCHS=20"
 	@echo "  test       TEST_WORKERS=2 (pytest processes; 0 = one)"
 
@@ -177,25 +200,61 @@ script_train     = train
 script_evaluate  = evaluate
 script_export    = export
 
+# ---------------------------------------------------------------- what times cannot tell
+# Make compares file times, and a time can lie. One check runs before make decides anything:
+# - an input no stage writes (code, config, a corpus file) dated in the future is refused with the fix:
+#   make would rebuild from it on every run until the clock caught up;
+# - the corpus files of CORPUS_PATH are never make's own prerequisites (a name with a space, a broken
+#   link or A.TXT would break or escape them): INPUTS lists them as download.py chooses them, with their
+#   sizes and times, and is rewritten when that list changes, which reruns download;
+# - each data stage's outputs are compared with its record (below): when one is missing or damaged, the
+#   stage's FOLDER/outputs-checked.txt is rewritten, so make reruns that stage.
+INPUTS  := $(DATA_PARAMS)/inputs.txt
+SOURCES  = $(sort $(CODE_download) $(CODE_prepare) $(CODE_tokenizer) $(CODE_encode) $(CODE_train) $(CODE_evaluate) \
+             $(CODE_export) requirements.txt $(CONFIG))
+$(INPUTS): FORCE | $(VENV_DONE)
+	@$(PY) stages/check.py $(BASE_FLAGS) $(FLAGS_source) --inputs $@ $(SOURCES)
+# Its recipe is empty, yet it runs every time: make then reads the stamp's time again, after the check.
+%/outputs-checked.txt: $(INPUTS) FORCE ;
+
 # ---------------------------------------------------------------- stages
+# A data stage writes several files. Each is a target of its own (`make data/encoded/train.npy` works, and
+# a rule downstream names exactly the files it reads), made by one rule: the stage's record,
+# FOLDER/outputs.json (each output's size, time and sha256), written only after the stage succeeded.
+record_outputs = @$(PY) stages/check.py $(BASE_FLAGS) --record $(1) $(OUT_$(1))
+
+OUT_download  := $(RAW)/corpus.txt $(RAW)/corpus.json
+OUT_prepare   := $(PREP)/train.txt $(PREP)/val.txt $(PREP)/stats.json
+OUT_tokenizer := $(TOK)/spm.model $(TOK)/spm.vocab $(TOK)/tokenizer.json
+OUT_encode    := $(ENC)/train.npy $(ENC)/train.json $(ENC)/val.npy $(ENC)/val.json
+
 all: check evaluate ## run the whole pipeline (each stage only if out of date)
 	@$(PY) -c 'import json; r = json.load(open("$(EVAL)/report.json")); print("report: $(EVAL)/report.md"); print("  " + r["headline"])'
 
-download: $(RAW)/corpus.json ## 1. corpus -> data/raw/corpus.txt
-$(RAW)/corpus.txt $(RAW)/corpus.json &: $(CODE_download) $(DATA_PARAMS)/download.json $(CORPUS_INPUTS) | $(VENV_DONE)
+download: $(OUT_download) ## 1. corpus -> data/raw/corpus.txt
+$(OUT_download): $(RAW)/outputs.json ;
+$(RAW)/outputs.json: $(CODE_download) $(DATA_PARAMS)/download.json $(INPUTS) $(RAW)/outputs-checked.txt | $(VENV_DONE)
 	$(PY) stages/download.py $(BASE_FLAGS) $(FLAGS_download)
+	$(call record_outputs,download)
 
-prepare: $(PREP)/stats.json ## 2. clean + split 90/10 -> data/prepared/{train,val}.txt
-$(PREP)/train.txt $(PREP)/val.txt $(PREP)/stats.json &: $(CODE_prepare) $(DATA_PARAMS)/prepare.json $(RAW)/corpus.txt
+prepare: $(OUT_prepare) ## 2. clean + split 90/10 -> data/prepared/{train,val}.txt
+$(OUT_prepare): $(PREP)/outputs.json ;
+$(PREP)/outputs.json: $(CODE_prepare) $(DATA_PARAMS)/prepare.json $(RAW)/corpus.txt $(PREP)/outputs-checked.txt
 	$(PY) stages/prepare.py $(BASE_FLAGS) $(FLAGS_prepare)
+	$(call record_outputs,prepare)
 
-tokenizer: $(TOK)/tokenizer.json ## 3. SentencePiece unigram -> artifacts/tokenizer/spm.model
-$(TOK)/spm.model $(TOK)/spm.vocab $(TOK)/tokenizer.json &: $(CODE_tokenizer) $(PARAMS)/tokenizer.json $(PREP)/train.txt
+tokenizer: $(OUT_tokenizer) ## 3. SentencePiece unigram -> artifacts/tokenizer/spm.model
+$(OUT_tokenizer): $(TOK)/outputs.json ;
+$(TOK)/outputs.json: $(CODE_tokenizer) $(PARAMS)/tokenizer.json $(PREP)/train.txt $(TOK)/outputs-checked.txt
 	$(PY) stages/train_tokenizer.py $(BASE_FLAGS) $(FLAGS_tokenizer)
+	$(call record_outputs,tokenizer)
 
-encode: $(ENC)/val.json ## 4. token ids -> data/encoded/{train,val}.npy
-$(ENC)/train.npy $(ENC)/train.json $(ENC)/val.npy $(ENC)/val.json &: $(CODE_encode) $(DATA_PARAMS)/encode.json $(TOK)/spm.model $(PREP)/train.txt $(PREP)/val.txt $(ENC)/tokenizer-checked.txt
+encode: $(OUT_encode) ## 4. token ids -> data/encoded/{train,val}.npy
+$(OUT_encode): $(ENC)/outputs.json ;
+$(ENC)/outputs.json: $(CODE_encode) $(DATA_PARAMS)/encode.json $(TOK)/spm.model $(TOK)/tokenizer.json $(PREP)/train.txt \
+                     $(PREP)/val.txt $(ENC)/tokenizer-checked.txt $(ENC)/outputs-checked.txt
 	$(PY) stages/encode.py $(BASE_FLAGS) $(FLAGS_encode)
+	$(call record_outputs,encode)
 # Make compares times, which cannot tell two tokenizers apart (a copied or restored spm.model is older
 # than the token files). Rewritten only when a token file's sidecar names another tokenizer or text than
 # the current ones: then it is newer than the token files, which are rebuilt, and training after them.
@@ -211,7 +270,7 @@ TRAINS := $(filter train all,$(MAKECMDGOALS))
 
 train: $(CKPT)/train_done.json ## 5. train the model -> artifacts/checkpoints/
 ifneq ($(TRAINS),)
-$(CKPT)/train_done.json: $(CODE_train) $(PARAMS)/train.json $(ENC)/train.npy $(ENC)/val.npy $(TOK)/spm.model $(RAW)/corpus.json $(PREP)/val.txt
+$(CKPT)/train_done.json: $(CODE_train) $(PARAMS)/train.json $(OUT_encode) $(OUT_tokenizer) $(RAW)/corpus.json $(PREP)/val.txt
 	$(PY) stages/train.py $(BASE_FLAGS) $(FLAGS_train)
 else
 $(CKPT)/train_done.json:
@@ -221,12 +280,12 @@ $(CKPT)/train_done.json:
 endif
 
 evaluate: $(EVAL)/report.json ## 6. report, plots, samples, latency -> artifacts/eval/
-$(EVAL)/report.json: $(CODE_evaluate) $(PARAMS)/evaluate.json $(CKPT)/train_done.json $(if $(TRAINS),$(ENC)/val.npy)
+$(EVAL)/report.json: $(CODE_evaluate) $(PARAMS)/evaluate.json $(CKPT)/train_done.json $(if $(TRAINS),$(ENC)/val.npy) | $(INPUTS)
 	$(PY) stages/evaluate.py $(BASE_FLAGS) $(FLAGS_evaluate)
 
 export: $(EXPORT)/export.json ## 7. Hugging Face + ONNX copies of the model, proven equal -> artifacts/export/
 $(EXPORT)/export.json: $(CODE_export) $(PARAMS)/export.json $(EXPORT)/files-checked.txt $(CKPT)/train_done.json \
-                       $(if $(TRAINS),$(TOK)/spm.model)
+                       $(if $(TRAINS),$(TOK)/spm.model) | $(INPUTS)
 	$(PY) stages/export.py $(BASE_FLAGS) $(FLAGS_export)
 # Rewritten only when an exported file is missing or differs from export.json's records (size, sha256):
 # then it is newer than export.json, and the export is rebuilt.
@@ -249,14 +308,14 @@ runs: $(VENV_DONE) ## table of every kept run (current + archived) -> artifacts/
 	$(PY) stages/list_runs.py $(BASE_FLAGS)
 
 BENCH_FLAGS = --config '$(CONFIG)' --data-dir '$(DATA_DIR)' --artifacts-dir '$(ARTIFACTS_DIR)'
-bench: $(ENC)/val.json ## speed figures: eager fp32 vs the fast path, MFU, stage times, the step's profile, vs nanoGPT
+bench: $(OUT_encode) $(OUT_tokenizer) ## speed figures: eager fp32 vs the fast path, MFU, stage times, the step's profile, vs nanoGPT
 	$(PY) stages/bench.py $(BENCH_FLAGS)
 	$(PY) stages/bench.py --profile $(BENCH_FLAGS)
 	$(PY) stages/bench.py --nanogpt $(BENCH_FLAGS)
 
 SWEEP        ?= learning_rate=0.0003,0.001 dropout=0.0,0.1
 SWEEP_EPOCHS ?= 20
-sweep: $(ENC)/val.json ## train one run per SWEEP setting, table in artifacts/sweep/results.md
+sweep: $(OUT_encode) $(OUT_tokenizer) ## train one run per SWEEP setting, table in artifacts/sweep/results.md
 	$(PY) stages/sweep.py --grid '$(SWEEP)' --epochs $(SWEEP_EPOCHS) --data-dir '$(DATA_DIR)' --artifacts-dir '$(ARTIFACTS_DIR)'
 
 # Two processes by default: most tests wait on one-thread stage scripts, so two overlap well on two
@@ -264,6 +323,8 @@ sweep: $(ENC)/val.json ## train one run per SWEEP setting, table in artifacts/sw
 TEST_WORKERS ?= 2
 test: $(VENV_DONE) ## the whole test suite (TEST_WORKERS=2 processes)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+test-fast: $(VENV_DONE) ## the unit tier: in-process tests, seconds; run it on every edit
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 # ---------------------------------------------------------------- cleaning
 # Nothing is removed under a training run or an export that is still going: each holds an flock on

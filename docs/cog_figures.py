@@ -41,6 +41,33 @@ def experiment(name: str) -> dict:
     return json.loads((DATA / "experiments" / f"{name}.json").read_text(encoding="utf-8"))
 
 
+# ----------------------------------------------------------------------------- the defaults, from the config
+
+
+@lru_cache(maxsize=None)
+def config() -> dict:
+    """config/defaults.yaml as written (not the snapshot): a default the prose states comes from here."""
+    import yaml
+
+    return yaml.safe_load((REPO / "config" / "defaults.yaml").read_text(encoding="utf-8"))
+
+
+def default(key: str):
+    """One default: default('max_seq_length'), or default('evaluate.temperature') for a key several stages share."""
+    if "." in key:
+        stage, name = key.split(".", 1)
+        return config()[stage][name]
+    found = [values[key] for values in config().values() if isinstance(values, dict) and key in values]
+    if len(found) != 1:
+        raise LookupError(f"{key!r} is in {len(found)} sections of config/defaults.yaml: write 'stage.{key}'")
+    return found[0]
+
+
+def optimiser_names() -> str:
+    """What the default optimiser is called in prose: 'Muon + AdamW' (Muon on the block matrices) or 'AdamW'."""
+    return "Muon + AdamW" if default("optimizer") == "muon" else "AdamW"
+
+
 # ----------------------------------------------------------------------------- the default run
 
 
@@ -255,3 +282,13 @@ def pins(*packages: str) -> str:
     pinned = dict(line.split("==") for line in (REPO / "requirements.txt").read_text().splitlines()
                   if "==" in line and not line.startswith("#"))
     return " ".join(f"{name}=={pinned[name]}" for name in packages)
+
+
+def not_in_identity() -> str:
+    """The settings a run's identity leaves out (NOT_IN_FINGERPRINT in stages/lib/training/runs.py), as typed:
+    the Make variable where there is one, else the config key."""
+    stages_on_path()
+    from lib.training.runs import NOT_IN_FINGERPRINT, make_variables
+
+    variables = make_variables()
+    return ", ".join(f"`{variables.get(key, key)}`" for key in sorted(NOT_IN_FINGERPRINT, key=lambda k: variables.get(k, k)))

@@ -9,7 +9,7 @@
 
 In one run, on this machine:
 1. matmul peak: GFLOP/s of large fp32 and bf16 matrix products (all threads);
-2. training-step tokens/s of the plain eager fp32 path (float32, whole logits at once)
+2. training-step tokens/s of the plain reference model in eager fp32 (model/tiny_transformer.py as it is)
    and of the default fast path, same model and same batches, and their ratio;
    model FLOPs utilisation (MFU) of each against the matching measured peak;
 3. quality guard: a short training (--guard-epochs) with each path from the same
@@ -68,6 +68,7 @@ from lib.runtime.key_values import parse_key_values, typed_like
 from lib.training.optim import make_optimizer, train_step
 from lib.training.regularisation import resolve_dropout
 from model import ModelConfig, TinyTransformer, model_config
+from model.fast_cpu import use_fast_cpu_path
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -87,11 +88,16 @@ def flops_per_token(cfg: ModelConfig) -> float:
     return 3 * (L * per_layer + 2 * d * V)
 
 
-def training_model(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torch.dtype):
-    """train.py's model (its dropout for these tokens), optimizer and autocast, on the CPU, from seed 0."""
+def training_model(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torch.dtype, fast: bool = True):
+    """train.py's model (its dropout for these tokens), optimizer and autocast, on the CPU, from seed 0.
+
+    fast: with train.py's CPU fast path (its loss_chunk_tokens); else the plain reference model.
+    """
     torch.manual_seed(0)
     mcfg = model_config({**train_cfg, "dropout": resolve_dropout(train_cfg["dropout"], tokens.size)[0]}, vocab)
     model = TinyTransformer(mcfg).train()
+    if fast:
+        use_fast_cpu_path(model, train_cfg["loss_chunk_tokens"])
     optimizer = make_optimizer(model, train_cfg, torch.device("cpu"))
     autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     return model, optimizer, autocast
@@ -104,11 +110,12 @@ def fixed_batches(tokens: np.ndarray, train_cfg: dict, count: int, seed: int = 0
     return [get_batch(tokens, rng.choice(starts, B, replace=False), T, "cpu") for _ in range(count)]
 
 
-def step_throughput(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torch.dtype, chunk: int, steps: int) -> float:
+def step_throughput(train_cfg: dict, vocab: int, tokens: np.ndarray, dtype: torch.dtype, steps: int,
+                    fast: bool = True) -> float:
     """Tokens/s of train.py's own training step (same model, dropout and optimizer) on fixed batches."""
     T, B = train_cfg["max_seq_length"], train_cfg["batch_size"]
-    model, optimizer, autocast = training_model(train_cfg, vocab, tokens, dtype)
-    loss_fn = functools.partial(model.loss, chunk_tokens=chunk)
+    model, optimizer, autocast = training_model(train_cfg, vocab, tokens, dtype, fast)
+    loss_fn = model.loss
     batches = fixed_batches(tokens, train_cfg, steps + 3)
     for x, y in batches[:3]:
         train_step(model, optimizer, x, y, autocast, loss_fn, train_cfg["grad_clip"])
@@ -203,8 +210,7 @@ def size_table(args) -> None:
         cfg = {**train_cfg, "batch_size": batch, "max_seq_length": seq}
         vocab = json.loads((paths["tokenizer"] / "tokenizer.json").read_text())["vocab_size"]
         tokens = np.load(paths["encoded"] / "train.npy", mmap_mode="r")
-        tps, _ = step_throughput(cfg, vocab, tokens, resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"}),
-                                 cfg["loss_chunk_tokens"], args.steps)
+        tps, _ = step_throughput(cfg, vocab, tokens, resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"}), args.steps)
         print(json.dumps({"tokens_per_s": tps}))
         return
     rows = []
@@ -246,8 +252,7 @@ def compare_settings(args) -> None:
     rounds = []
     for r in range(args.rounds):
         order = list(settings) if r % 2 == 0 else list(reversed(settings))
-        speeds = {name: step_throughput(settings[name], vocab, tokens, dtype, settings[name]["loss_chunk_tokens"],
-                                        args.steps)[0] for name in order}
+        speeds = {name: step_throughput(settings[name], vocab, tokens, dtype, args.steps)[0] for name in order}
         rounds.append(speeds)
         print("  " + "  ".join(f"{name}: {speed / 1000:5.1f}K" for name, speed in speeds.items())
               + f"  ratio {speeds[args.compare] / speeds['defaults']:.3f}", flush=True)
@@ -283,7 +288,7 @@ def profile_step(args) -> None:
     paths, cfg, vocab, tokens = load_inputs(args)
     dtype = resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"})
     model, optimizer, autocast = training_model(cfg, vocab, tokens, dtype)
-    loss_fn = functools.partial(model.loss, chunk_tokens=cfg["loss_chunk_tokens"])
+    loss_fn = model.loss
     batches = fixed_batches(tokens, cfg, 3 + 2 * args.steps)
     warm, timed, profiled = batches[:3], batches[3:3 + args.steps], batches[3 + args.steps:]
     for x, y in warm:
@@ -365,7 +370,7 @@ def compare_nanogpt(args) -> None:
     print(f"training step tokens/s, batch {cfg['batch_size']} x {cfg['max_seq_length']}, {args.steps} steps each, "
           f"{args.rounds} rounds, {torch.get_num_threads()} threads:", flush=True)
     measure = {"nanogpt": lambda: nanogpt_throughput(reference, vocab, batches),
-               "ours": lambda: step_throughput(cfg, vocab, tokens, dtype, cfg["loss_chunk_tokens"], args.steps)[0]}
+               "ours": lambda: step_throughput(cfg, vocab, tokens, dtype, args.steps)[0]}
     rounds = []
     for r in range(args.rounds):
         speeds = {name: measure[name]() for name in (("ours", "nanogpt") if r % 2 == 0 else ("nanogpt", "ours"))}
@@ -400,7 +405,7 @@ def process_worker(args) -> None:
     _, cfg, vocab, tokens = load_inputs(args)
     T, B = cfg["max_seq_length"], cfg["batch_size"]
     model, optimizer, autocast = training_model(cfg, vocab, tokens, resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"}))
-    ddp = DistributedDataParallel(LossModule(model, cfg["loss_chunk_tokens"]), broadcast_buffers=False,
+    ddp = DistributedDataParallel(LossModule(model), broadcast_buffers=False,
                                   gradient_as_bucket_view=True)
     rng = np.random.default_rng(0)
     starts = window_starts(tokens.size, T)
@@ -427,7 +432,7 @@ def process_table(args) -> None:
     keep_freed_memory()
     paths, cfg, vocab, tokens = load_inputs(args)
     fast_dtype = resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"})
-    one, _ = step_throughput(cfg, vocab, tokens, fast_dtype, cfg["loss_chunk_tokens"], args.steps)
+    one, _ = step_throughput(cfg, vocab, tokens, fast_dtype, args.steps)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.processes}",
            str(REPO_ROOT / "stages" / "bench.py"), "--process-worker", "--config", str(args.config),
            "--data-dir", args.data_dir, "--artifacts-dir", args.artifacts_dir, "--steps", str(args.steps)]
@@ -442,6 +447,25 @@ def process_table(args) -> None:
           f"({(many['step_s'] - many['step_without_exchange_s']) * 1000:.1f} of {many['step_s'] * 1000:.1f} ms)")
     write_json_atomic(paths["bench"] / "processes.json", {"one_process_tokens_per_s": one, "processes": args.processes,
                                                           **many, "allreduce_share": share})
+
+
+def reference_and_fast_steps(args, train_cfg: dict, vocab: int, tokens: np.ndarray, peaks: dict) -> dict:
+    """Tokens/s and MFU of the reference model's eager fp32 step and of train.py's fast-path step."""
+    fast_dtype = resolve_dtype({"dtype": train_cfg["dtype"], "device": "cpu"})
+    print(f"training step, batch {train_cfg['batch_size']} x {train_cfg['max_seq_length']}, {args.steps} steps:", flush=True)
+    plain, mcfg = step_throughput(train_cfg, vocab, tokens, torch.float32, args.steps, fast=False)
+    fast, _ = step_throughput(train_cfg, vocab, tokens, fast_dtype, args.steps)
+    fpt = flops_per_token(mcfg)
+    mfu_plain = plain * fpt / (peaks["float32"] * 1e9)
+    mfu_fast = fast * fpt / (peaks["bfloat16" if fast_dtype == torch.bfloat16 else "float32"] * 1e9)
+    print(f"  reference, eager fp32: {plain / 1000:6.1f}K tok/s  MFU {mfu_plain * 100:4.1f}% of the fp32 peak", flush=True)
+    print(f"  fast path ({str(fast_dtype).replace('torch.', '')}, chunk {train_cfg['loss_chunk_tokens']}): "
+          f"{fast / 1000:6.1f}K tok/s  MFU {mfu_fast * 100:4.1f}% of the {'bf16' if fast_dtype == torch.bfloat16 else 'fp32'} peak",
+          flush=True)
+    print(f"  speed-up: {fast / plain:.2f}x  ({fpt / 1e6:.1f} MFLOP per token)", flush=True)
+    return {"plain_fp32_tokens_per_s": plain, "fast_tokens_per_s": fast, "ratio": fast / plain,
+            "fast_dtype": str(fast_dtype), "flops_per_token": fpt, "mfu_plain": mfu_plain,
+            "mfu_fast": mfu_fast}
 
 
 def main():
@@ -491,21 +515,7 @@ def main():
         print(f"  {name:>9}: {value:6.0f} GFLOP/s", flush=True)
     report["matmul_peak_gflops"] = peaks
 
-    fast_dtype = resolve_dtype({"dtype": train_cfg["dtype"], "device": "cpu"})
-    print(f"training step, batch {train_cfg['batch_size']} x {train_cfg['max_seq_length']}, {args.steps} steps:", flush=True)
-    plain, mcfg = step_throughput(train_cfg, vocab, tokens, torch.float32, 0, args.steps)
-    fast, _ = step_throughput(train_cfg, vocab, tokens, fast_dtype, train_cfg["loss_chunk_tokens"], args.steps)
-    fpt = flops_per_token(mcfg)
-    mfu_plain = plain * fpt / (peaks["float32"] * 1e9)
-    mfu_fast = fast * fpt / (peaks["bfloat16" if fast_dtype == torch.bfloat16 else "float32"] * 1e9)
-    print(f"  plain eager fp32: {plain / 1000:6.1f}K tok/s  MFU {mfu_plain * 100:4.1f}% of the fp32 peak", flush=True)
-    print(f"  fast path ({str(fast_dtype).replace('torch.', '')}, chunk {train_cfg['loss_chunk_tokens']}): "
-          f"{fast / 1000:6.1f}K tok/s  MFU {mfu_fast * 100:4.1f}% of the {'bf16' if fast_dtype == torch.bfloat16 else 'fp32'} peak",
-          flush=True)
-    print(f"  speed-up: {fast / plain:.2f}x  ({fpt / 1e6:.1f} MFLOP per token)", flush=True)
-    report["train_step"] = {"plain_fp32_tokens_per_s": plain, "fast_tokens_per_s": fast, "ratio": fast / plain,
-                            "fast_dtype": str(fast_dtype), "flops_per_token": fpt, "mfu_plain": mfu_plain,
-                            "mfu_fast": mfu_fast}
+    report["train_step"] = reference_and_fast_steps(args, train_cfg, vocab, tokens, peaks)
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         scratch = Path(tmp)

@@ -22,7 +22,7 @@ import numpy as np
 from lib.runtime.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
 from lib.runtime.errors import PipelineError
 from lib.runtime.stage import log, run_stage
-from lib.runtime.files import (atomic_path, human_bytes, inject_disk_full_fault, read_json, sha256_file, write_json_atomic,
+from lib.runtime.files import (atomic_path, human_bytes, read_json, sha256_file, write_json_atomic,
                        write_text_atomic)
 
 
@@ -131,7 +131,6 @@ def main(cfg):
         tokens = encode_split(sp, text, sp.bos_id(), sp.eos_id(), dtype)
         npy = out / f"{split}.npy"
         with atomic_path(npy, tokens.nbytes) as tmp:
-            inject_disk_full_fault(npy)
             with open(tmp, "wb") as f:
                 np.save(f, tokens)
         source_bytes = len(text.encode("utf-8"))

@@ -73,7 +73,7 @@ def lr_schedule(plt, train_cfg: dict, steps_per_epoch: int, out: Path) -> None:
 
 
 def window_grid(plt, train_cfg: dict, out: Path) -> None:
-    """Two epochs' windows over the first tokens of a toy file with T = 8 (the real T is 128)."""
+    """Two epochs' windows over the first tokens of a toy file with T = 8 (the run's own T is far longer)."""
     T, n_tokens, seed = 8, 48, train_cfg["seed"]
     fig, axes = plt.subplots(2, 1, figsize=(9, 3.6), sharex=True)
     for epoch, ax in enumerate(axes):
@@ -88,7 +88,7 @@ def window_grid(plt, train_cfg: dict, out: Path) -> None:
                      f"(order shuffled)", fontsize=9)
         ax.text(n_tokens - 0.5, 1.2, "x = tokens[s : s+T]", color="tab:blue", ha="right", fontsize=8)
         ax.text(n_tokens - 0.5, -1.15, "y = tokens[s+1 : s+T+1]", color="tab:orange", ha="right", fontsize=8)
-    axes[-1].set_xlabel("position in the token file (T = 8 here; training uses 128)")
+    axes[-1].set_xlabel(f"position in the token file (T = 8 here; training uses {train_cfg['max_seq_length']})")
     fig.tight_layout()
     save(fig, out / "window_grid.png")
 
@@ -202,7 +202,7 @@ def rotary(plt, train_cfg: dict, out: Path) -> None:
     cos, sin = rotary_tables(positions, head_dim, dims, train_cfg["rotary_base"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
     half = dims // 2
-    for ax, pair, what in ((axes[0], 0, "pair 1 (fast)"), (axes[1], half - 1, f"pair {half} (slow)")):
+    for ax, pair, what in ((axes[0], 0, "pair i = 0 (fast)"), (axes[1], half - 1, f"pair i = {half - 1} (slow)")):
         x = torch.zeros(head_dim)
         x[pair], x[pair + half] = 1.0, 0.0  # a unit vector along the pair's first dimension
         for p in positions.tolist():
@@ -216,8 +216,8 @@ def rotary(plt, train_cfg: dict, out: Path) -> None:
         ax.set_ylim(-1.3, 1.3)
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
-        ax.set_xlabel(f"dimension {pair + 1} of the head")
-        ax.set_ylabel(f"dimension {pair + half + 1}")
+        ax.set_xlabel(f"dimension {pair} of the head (from 0)")
+        ax.set_ylabel(f"dimension {pair + half}")
     fig.suptitle("one query vector's pair of dimensions at positions 0-8 (numbers): same length, turned by the "
                  "position's angle", fontsize=9)
     fig.tight_layout()
@@ -228,12 +228,12 @@ def rotary(plt, train_cfg: dict, out: Path) -> None:
 def sampling(plt, model, sp, prompt: str, gen_cfg: dict, out: Path) -> dict:
     ids = [sp.bos_id()] + sp.encode(prompt)
     logits = model(torch.tensor([ids]))[0][0, -1].float()
-    settings = [("greedy (temperature 0): always the top token", None),
-                ("temperature 1.0: the model's own distribution", (1.0, 0, 1.0)),
-                ("temperature 0.5: sharper", (0.5, 0, 1.0)),
+    settings = [("greedy (TEMPERATURE=0): always the top token", None),  # written as typed: not the defaults
+                ("TEMPERATURE=1.0: the model's own distribution", (1.0, 0, 1.0)),
+                ("TEMPERATURE=0.5: sharper", (0.5, 0, 1.0)),
                 (f"temperature {gen_cfg['temperature']:g}, top-k {gen_cfg['top_k']} (the defaults)",
                  (gen_cfg["temperature"], gen_cfg["top_k"], 1.0)),
-                ("temperature 1.0, top-p 0.9", (1.0, 0, 0.9))]
+                ("TEMPERATURE=1.0 TOP_P=0.9", (1.0, 0, 0.9))]
     base = torch.softmax(logits, -1)
     order = torch.argsort(base, descending=True)[:15]
     labels = [sp.id_to_piece(int(i)) for i in order]

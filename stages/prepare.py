@@ -111,13 +111,8 @@ def split_long_line(line: str, max_bytes: int) -> list[str]:
     return pieces
 
 
-def main(cfg):
-    log_config(cfg)
-    paths = stage_paths(cfg)
-    raw, out = paths["raw"] / "corpus.txt", paths["prepared"]
-    start = time.perf_counter()
-    text = decode_corpus(raw)
-
+def clean_documents(text: str, max_line_bytes: int) -> tuple[list[list[str]], int, int]:
+    """The documents' cleaned lines, how many lines were too long, and how many pieces splitting them added."""
     documents: list[list[str]] = []
     lines_split = pieces_added = 0
     for block in re.split(r"\n\s*\n", text):
@@ -126,8 +121,8 @@ def main(cfg):
             line = clean_line(raw_line)
             if not line:
                 continue
-            if len(line.encode("utf-8")) > cfg["max_line_bytes"]:
-                parts = split_long_line(line, cfg["max_line_bytes"])
+            if len(line.encode("utf-8")) > max_line_bytes:
+                parts = split_long_line(line, max_line_bytes)
                 lines_split += 1
                 pieces_added += len(parts) - 1
                 lines.extend(parts)
@@ -135,6 +130,16 @@ def main(cfg):
                 lines.append(line)
         if lines:
             documents.append(lines)
+    return documents, lines_split, pieces_added
+
+
+def main(cfg):
+    log_config(cfg)
+    paths = stage_paths(cfg)
+    raw, out = paths["raw"] / "corpus.txt", paths["prepared"]
+    start = time.perf_counter()
+    text = decode_corpus(raw)
+    documents, lines_split, pieces_added = clean_documents(text, cfg["max_line_bytes"])
 
     if not documents:
         raise PipelineError(f"corpus {raw} holds no text after cleaning (only whitespace or control characters)",

@@ -8,7 +8,8 @@ own folder artifacts/sweep/RUN/ (the tokenizer and token files are shared, never
 rebuilt). The table (results.md, results.json) gives per setting: final and best
 validation loss, the largest eval-mode gap (val - train) over all epochs, final
 train loss, training speed and wall time. A finished run is reused, so an interrupted
-sweep resumes. Runs one after another: timings stay comparable.
+sweep resumes. Runs one after another: timings stay comparable. Two sweeps of one folder at
+once share the work: a run that one of them is training, the other leaves to it.
 
     python stages/sweep.py --to-docs quality --title "..." --how "..."
 
@@ -34,7 +35,7 @@ from pathlib import Path
 from lib.runtime.config import REPO_ROOT, stage_paths
 from lib.runtime.errors import PipelineError, Terminated
 from lib.runtime.stage import run_stage, set_interrupt_note, set_stage_name
-from lib.runtime.files import write_json_atomic, write_text_atomic
+from lib.runtime.files import FolderLock, lock_folder, write_json_atomic, write_text_atomic
 from lib.runtime.key_values import parse_key_values
 
 
@@ -55,6 +56,21 @@ def results_locked(sweep_dir: Path):
     with open(sweep_dir / "results.json.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # waits for the other sweep's merge
         yield
+
+
+class RunTaken(Exception):
+    """The run's folder is locked by another sweep, which is training it."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def lock_run(run_artifacts: Path) -> FolderLock:
+    """Held while this sweep sets up and trains a run: another sweep of the same grid then leaves that run
+    alone instead of starting train.py on it (refused by train.py's own lock, the refusal written into the
+    run's log and counted as a failure by a sweep whose run trained fine)."""
+    return lock_folder(run_artifacts / ".sweep.lock", RunTaken)
 
 
 def run_name(setting: dict) -> str:
@@ -91,7 +107,7 @@ def run_training(cmd: list[str], log_path: Path) -> int:
     as it stops train.py alone: the run (in the sweep's process group, so it has the Ctrl+C too) saves
     last.pt and exits, then the sweep stops; rerunning the sweep resumes that run. A SIGTERM for the
     sweep alone is passed on."""
-    with open(log_path, "w") as log_file:
+    with open(log_path, "a") as log_file:  # a resumed run's log follows what the interrupted part wrote
         # no terminal for its stdin: it would ask there whether to resume, with its question in the log
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
         try:
@@ -143,31 +159,19 @@ def main(args):
     sweep_dir = Path(args.artifacts_dir) / "sweep"
     settings = parse_grid(args.grid)
     check_before_training(args, paths, settings, sweep_dir)
-    rows, failed = [], []
+    rows, failed, left = [], [], []
     for setting in settings:
         run_artifacts = run_folder(sweep_dir, args, setting)
-        name = run_artifacts.name
-        (run_artifacts / "tokenizer").mkdir(parents=True, exist_ok=True)
-        for f in paths["tokenizer"].iterdir():
-            shutil.copy2(f, run_artifacts / "tokenizer" / f.name)
-        cmd = train_command(args, setting, run_artifacts)
-        print(f"[sweep] {name}: {' '.join(cmd[2:])}", flush=True)
         start = time.perf_counter()
-        returncode = run_training(cmd, run_artifacts / "train.log")
-        if returncode != 0:
-            print(f"[sweep] {name} FAILED (exit {returncode}); log: {run_artifacts / 'train.log'}", flush=True)
+        returncode = train_run(args, paths, setting, run_artifacts)
+        if returncode is None:
+            left.append(run_artifacts.name)
+        elif returncode != 0:
+            print(f"[sweep] {run_artifacts.name} FAILED (exit {returncode}); log: {run_artifacts / 'train.log'}",
+                  flush=True)
             failed.append(run_artifacts / "train.log")
-            continue
-        epochs = json.loads((run_artifacts / "checkpoints" / "history.json").read_text())["epochs"]
-        row = {"setting": setting, "name": name, "final_val": epochs[-1]["val_loss"],
-               "best_val": min(e["val_loss"] for e in epochs),
-               "best_epoch": min(epochs, key=lambda e: e["val_loss"])["epoch"],
-               "max_gap": max(e["gap"] for e in epochs), "final_train": epochs[-1]["train_loss"],
-               "final_train_eval": epochs[-1]["train_loss_eval"], "wall_s": epochs[-1]["elapsed_s"],
-               "tokens_per_s": mean_tokens_per_s(epochs), "extra": args.extra, "sweep_seconds": time.perf_counter() - start}
-        rows.append(row)
-        print(f"[sweep] {name}: final val {row['final_val']:.3f}, best {row['best_val']:.3f} (epoch {row['best_epoch']}), "
-              f"max gap {row['max_gap']:+.3f}, {row['wall_s']:.0f}s", flush=True)
+        else:
+            rows.append(result_row(args, setting, run_artifacts, time.perf_counter() - start))
 
     table = merge_results(sweep_dir, rows)
     lines = ["| run | final val | best val (epoch) | max gap | final train | wall s |", "|---|---|---|---|---|---|"]
@@ -175,9 +179,44 @@ def main(args):
               f"{r['final_train']:.3f} | {r['wall_s']:.0f} |" for r in table]
     write_text_atomic(sweep_dir / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+    if left:  # not a failure: the other sweep trains them and merges their rows when it finishes them
+        print(f"[sweep] {len(left)} run(s) left to another sweep, in this table once it has finished them: "
+              f"{', '.join(left)}", flush=True)
     if failed:  # the others are in the table; the exit code still says that the sweep is not whole
         raise PipelineError(f"{len(failed)} of {len(settings)} runs failed; their logs: {', '.join(map(str, failed))}",
                             "read the end of each log; rerun the same command to retry them (finished runs are reused)")
+
+
+def train_run(args, paths: dict, setting: dict, run_artifacts: Path) -> int | None:
+    """train.py's exit code for this run, or None when another sweep is training it (and holds its lock)."""
+    try:
+        lock = lock_run(run_artifacts)
+    except RunTaken as taken:
+        print(f"[sweep] {run_artifacts.name}: another sweep (pid {taken.holder}) is training it; left to that sweep",
+              flush=True)
+        return None
+    try:
+        (run_artifacts / "tokenizer").mkdir(parents=True, exist_ok=True)
+        for f in paths["tokenizer"].iterdir():
+            shutil.copy2(f, run_artifacts / "tokenizer" / f.name)
+        cmd = train_command(args, setting, run_artifacts)
+        print(f"[sweep] {run_artifacts.name}: {' '.join(cmd[2:])}", flush=True)
+        return run_training(cmd, run_artifacts / "train.log")
+    finally:
+        lock.close()
+
+
+def result_row(args, setting: dict, run_artifacts: Path, seconds: float) -> dict:
+    epochs = json.loads((run_artifacts / "checkpoints" / "history.json").read_text())["epochs"]
+    row = {"setting": setting, "name": run_artifacts.name, "final_val": epochs[-1]["val_loss"],
+           "best_val": min(e["val_loss"] for e in epochs),
+           "best_epoch": min(epochs, key=lambda e: e["val_loss"])["epoch"],
+           "max_gap": max(e["gap"] for e in epochs), "final_train": epochs[-1]["train_loss"],
+           "final_train_eval": epochs[-1]["train_loss_eval"], "wall_s": epochs[-1]["elapsed_s"],
+           "tokens_per_s": mean_tokens_per_s(epochs), "extra": args.extra, "sweep_seconds": seconds}
+    print(f"[sweep] {row['name']}: final val {row['final_val']:.3f}, best {row['best_val']:.3f} "
+          f"(epoch {row['best_epoch']}), max gap {row['max_gap']:+.3f}, {row['wall_s']:.0f}s", flush=True)
+    return row
 
 
 def merge_results(sweep_dir: Path, rows: list[dict]) -> list[dict]:

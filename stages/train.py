@@ -6,39 +6,32 @@
     python stages/train.py --restart             # start over; the old run is moved aside, not deleted
     make train NPROC=2                           # two processes (torchrun, DistributedDataParallel)
 
-Reads data/encoded/{train,val}.npy memory-mapped (checked against the tokenizer).
-An epoch is one pass over every training token in non-overlapping windows of
-max_seq_length, in an order shuffled per epoch by a seeded generator (lib/data/batches.py).
-AdamW (or Muon on the blocks' matrices), linear warmup then cosine or
-warmup-stable-decay, gradient clipping (lib/training/optim.py). After every epoch: validation over the whole validation split, the
-eval-mode loss on a fixed training slice of the same size (the overfitting gap is
-measured against that), one summary line, history.json and metrics.jsonl.
-Checkpoints: last.pt every epoch, epoch_NNN.pt every --checkpoint-every epochs,
-best_model.pt, final_model.pt. train_done.json is written last: it
-is what make waits for.
+An epoch is one pass over every training token (data/encoded/train.npy) in windows of
+max_seq_length, shuffled per epoch by a seeded generator (lib/data/batches.py); AdamW or Muon,
+warmup then cosine or warmup-stable-decay (lib/training/optim.py), gradient clipping. After
+every epoch: the loss on the whole validation split and on a training slice of the same size
+(their difference is the overfitting gap), one log line, history.json, metrics.jsonl, last.pt
+(epoch_NNN.pt every --checkpoint-every epochs, best_model.pt); at the end final_model.pt and,
+last, train_done.json, which make waits for.
 
-Resume: an unfinished run with identical data, tokenizer, code and config
-is resumed exactly (optimizer, schedule, RNG, position in the epoch; lib/training/runs.py).
-Ctrl+C or SIGTERM stops at the next step, saves last.pt and exits 130 / 143.
+An unfinished run with identical data, tokenizer, code and settings resumes exactly
+(lib/training/runs.py). Ctrl+C, SIGTERM or SIGHUP (a closed terminal) stops after the step,
+saves last.pt and exits 130 / 143 / 129. --nproc/--nnodes above 1: the script runs torchrun,
+which starts it once per process (lib/training/launch.py, distributed.py).
 
-Several processes (--nproc, --nnodes): the script replaces itself with torchrun, which
-starts it once per process; each trains on its slice of every batch (lib/training/distributed.py).
-
-main() at the bottom is the outline: setup() builds what is fixed for the run (a Run;
-its changing part is a Progress, both in lib/training/state.py), train_epoch() walks the
-batches, measure_epoch() and end_of_epoch() evaluate, log, save.
+main() at the bottom is the outline: setup() builds what is fixed for the run (a Run; what
+changes is a Progress: lib/training/state.py), train_epoch() is the training loop (batch,
+forward, backward, clip, step, log), measure_epoch() and end_of_epoch() evaluate, log, save.
+What guards the loop (stop requests, out of memory, ...) is in lib/training/guards.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
 import random
-import shutil
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -49,30 +42,29 @@ import torch
 from tqdm import tqdm
 
 from lib.data.batches import epoch_windows, get_batch, load_training_data, loss_sum
-from lib.training.checkpoints import checkpoint_bytes, rng_state, save_checkpoint
-from lib.runtime.config import check_positive, log_config, public, resolve_config, stage_log, stage_parser, stage_paths
-from lib.training.distributed import World, join, launch_ranks, launched_by_torchrun, lost_peer, report_stop_to_launcher
-from lib.runtime.errors import EXIT_SIGINT, EXIT_SIGTERM, PipelineError
-from lib.runtime.stage import append_log_to, log, run_stage, silence_log
-from lib.training.faults import StopRequest, inject_fault
-from lib.runtime.files import human_bytes, write_json_atomic, write_text_atomic
-from lib.training.hardware import keep_freed_memory, resolve_device, resolve_dtype
-from lib.training.hardware import check_memory, smaller_batch_hint
-from lib.training.optim import LossModule, lr_at, make_optimizer, set_learning_rate, train_step
+from lib.runtime.config import check_positive, log_config, public, resolve_config, stage_parser, stage_paths
+from lib.runtime.files import write_json_atomic, write_text_atomic
+from lib.runtime.stage import log, run_stage, silence_log
+from lib.training.checkpoints import check_room_for_saves, model_checkpoint, save_checkpoint, save_resumable
+from lib.training.distributed import World, data_parallel, join
+from lib.training.guards import (StopRequest, compile_or_eager, lost_peer_explained, save_and_exit, step_guard,
+                                 stop_if_diverged)
+from lib.training.hardware import check_memory, keep_freed_memory, resolve_device, resolve_dtype
+from lib.training.launch import launch_ranks, launched_by_torchrun, report_stop_to_launcher
+from lib.training.optim import LossModule, lr_at, make_optimizer, set_learning_rate
 from lib.training.regularisation import dropout_setting, noise_inputs, resolve_dropout
-from lib.training.runs import acquire_lock, choose_start, fingerprint, resume_command, run_identity
+from lib.training.runs import acquire_lock, fingerprint, resume_command, run_identity
 from lib.training.samples import generate_samples, sample_prompts
-from lib.training.state import Progress, Run, model_checkpoint, reseed_rank, restore, training_checkpoint
+from lib.training.state import Progress, Run, reseed_rank, start_or_resume
 from model import TinyTransformer, model_config
+from model.fast_cpu import use_fast_cpu_path
 
 
 def build_parser():
     p = stage_parser("train", __doc__)
     a = p.add_argument
-    a("--n-layers", type=int, default=None)
-    a("--d-model", type=int, default=None)
-    a("--n-heads", type=int, default=None)
-    a("--mlp-ratio", type=int, default=None)
+    for flag in ("--n-layers", "--d-model", "--n-heads", "--mlp-ratio"):
+        a(flag, type=int, default=None)
     a("--positions", type=str, default=None, choices=["learned", "rotary"],
       help="learned: a position table added to the input (GPT-2); rotary: queries and keys rotated by position")
     a("--rotary-base", type=float, default=None, help="base of the rotation frequencies")
@@ -97,13 +89,11 @@ def build_parser():
     a("--muon-momentum", type=float, default=None)
     a("--muon-weight-decay", type=float, default=None)
     a("--warmup-steps", type=int, default=None)
-    a("--weight-decay", type=float, default=None)
-    a("--beta1", type=float, default=None)
-    a("--beta2", type=float, default=None)
+    for flag in ("--weight-decay", "--beta1", "--beta2"):
+        a(flag, type=float, default=None)
     a("--grad-clip", type=float, default=None, help="max global gradient norm; 0 disables clipping")
-    a("--batch-size", type=int, default=None)
-    a("--epochs", type=int, default=None)
-    a("--seed", type=int, default=None)
+    for flag in ("--batch-size", "--epochs", "--seed"):
+        a(flag, type=int, default=None)
     a("--checkpoint-every", type=int, default=None, help="write epoch_NNN.pt every N epochs")
     a("--sample-every", type=int, default=None, help="log sample generations every N epochs")
     a("--sample-tokens", type=int, default=None)
@@ -176,6 +166,7 @@ def setup(cfg: dict, world: World) -> Run:
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"] % 2 ** 32)
     model = TinyTransformer(mcfg).to(device)
+    use_fast_cpu_path(model, cfg["loss_chunk_tokens"])  # the same function, computed by faster kernels
     if world.rank > 0:
         reseed_rank(cfg["seed"], world.rank)  # the same initial weights; its own dropout and noise draws
     n_params = model.num_parameters()
@@ -193,119 +184,48 @@ def setup(cfg: dict, world: World) -> Run:
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 else nullcontext
     return Run(cfg=cfg, paths=paths, device=device, autocast=autocast, prompts=prompts, model_config=mcfg, model=model,
                optimizer=optimizer, windows_by_epoch=windows_by_epoch, total_steps=total_steps, identity=identity,
-               fingerprint=fingerprint(identity), data=data, world=world,
-               step_loss=functools.partial(model.loss, chunk_tokens=cfg["loss_chunk_tokens"]))
-
-
-def wrap_for_ranks(run: Run) -> None:
-    """Several processes: the loss goes through DistributedDataParallel, which averages gradients in backward.
-
-    DDP wraps a module whose forward is the training loss (the model's own forward returns
-    logits); it starts by broadcasting rank 0's weights, which a resume has already loaded.
-    """
-    if not run.world.distributed:
-        return
-    from torch.nn.parallel import DistributedDataParallel
-    device_ids = [run.device.index] if run.device.type == "cuda" else None
-    run.step_loss = DistributedDataParallel(LossModule(run.model, run.cfg["loss_chunk_tokens"]), device_ids=device_ids,
-                                            broadcast_buffers=False, gradient_as_bucket_view=True)
+               fingerprint=fingerprint(identity), data=data, world=world, step_loss=model.loss, resume=resume_command(cfg))
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
-def save_resumable(run: Run, state: Progress, path: Path, kind: str, epoch: int, position: int) -> None:
-    """last.pt / epoch_NNN.pt with every rank's random state (all ranks call this; rank 0 writes)."""
-    rng_by_rank = run.world.gather(rng_state())
-    if run.world.is_main:
-        save_checkpoint(path, training_checkpoint(run, state, kind, epoch, position, rng_by_rank))
-
-
-def save_and_exit(run: Run, state: Progress, epoch: int, batch: int, signum: int) -> None:
-    save_resumable(run, state, run.dir / "last.pt", "last", epoch, batch)
-    if run.world.is_main:
-        print(f"saved {run.dir / 'last.pt'} at epoch {epoch + 1}, batch {batch}; resume with: {resume_command(run.cfg)}",
-              file=sys.stderr, flush=True)
-    run.world.close()
-    sys.exit(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
-
-
-def guarded_step(run: Run, state: Progress, x, y, weight: float, epoch: int, batch: int):
-    """train_step; torch.compile falls back to eager, and out of memory saves progress before failing."""
-    cfg, loss_fn = run.cfg, run.step_loss
-    try:
-        inject_fault(state.step, run.world.rank)
-        try:
-            return train_step(run.model, run.optimizer, x, y, run.autocast, loss_fn, cfg["grad_clip"], weight)
-        except Exception as exc:
-            if not cfg["compile"] or state.step > state.first_step or isinstance(exc, torch.OutOfMemoryError):
-                raise
-            # torch.compile is an optimisation, never a reason to fail: fall back to eager.
-            log(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); continuing in eager mode")
-            run.model.disable_compile()
-            run.optimizer.zero_grad(set_to_none=True)
-            return train_step(run.model, run.optimizer, x, y, run.autocast, loss_fn, cfg["grad_clip"], weight)
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        if "memory" not in str(exc).lower():
-            raise
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.world.distributed:  # the other ranks wait in a gradient exchange: no saving together now
-            where = (f"progress up to epoch {epoch} is in {run.dir / 'last.pt'}" if epoch else "nothing was saved yet")
-            where = f"rank {run.world.rank} of {run.world.size}; {where}"
-        else:
-            save_checkpoint(run.dir / "last.pt", training_checkpoint(run, state, "last", epoch, batch, [rng_state()]))
-            where = f"progress saved in {run.dir / 'last.pt'}"
-        raise PipelineError(
-            f"Out of memory at BATCH_SIZE={cfg['batch_size']}, SEQ_LEN={cfg['max_seq_length']} (epoch {epoch + 1}, "
-            f"step {state.step}); {where}", smaller_batch_hint(cfg) + " and rerun", "out-of-memory")
-
-
 def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dict:
-    """The batches of one epoch from state.position on; returns the epoch's step statistics."""
-    cfg, T = run.cfg, run.cfg["max_seq_length"]
+    """The batches of one epoch from state.position on: forward, backward, clip, step; returns the step statistics."""
+    cfg, model, optimizer, T = run.cfg, run.model, run.optimizer, run.cfg["max_seq_length"]
     windows = run.windows_by_epoch[epoch]
     batches = [windows[i:i + cfg["batch_size"]] for i in range(0, len(windows), cfg["batch_size"])]
     started, grad_norms, step_losses, trained_tokens = time.perf_counter(), [], [], 0
-    bar = tqdm(total=len(batches), initial=state.position, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
-               disable=None if run.world.is_main else True, file=sys.stderr, dynamic_ncols=True)
-    stop_asked = 0.0  # several processes: the sum over ranks of 1 per Ctrl+C, 1000 per SIGTERM
-    for b in range(state.position, len(batches)):
-        if stop.signum is not None or stop_asked:
-            bar.close()
-            save_and_exit(run, state, epoch, b, stop.signum or (signal.SIGTERM if stop_asked >= 1000 else signal.SIGINT))
-        lr = lr_at(state.step, cfg, run.total_steps)
-        set_learning_rate(run.optimizer, lr)
-        windows, weight = run.world.share(batches[b])
-        x, y = get_batch(run.data.train_tokens, windows, T, run.device)
-        x = noise_inputs(x, run.data.train_tokens, cfg["input_noise"])
-        try:
-            loss, norm = guarded_step(run, state, x, y, weight, epoch, b)
-        except PipelineError:
-            bar.close()  # before the error message
-            raise
-        loss_value = loss.item()
-        if run.world.distributed:
-            # the batch's loss over all ranks (token-weighted), and whether any rank was asked to stop
-            # (each then stops before the same step)
-            asked = {signal.SIGINT: 1.0, signal.SIGTERM: 1000.0}.get(stop.signum, 0.0)
-            loss_sum_, tokens, stop_asked = run.world.sum([loss_value * y.numel() * (weight > 0), y.numel() * (weight > 0),
-                                                           asked], run.device)
-            loss_value = loss_sum_ / tokens
-        if not math.isfinite(loss_value):
-            raise PipelineError(f"loss became {loss_value} at epoch {epoch + 1}, step {b + 1} of {len(batches)} "
-                                f"(step {state.step + 1} of the run, lr {lr:.2e})",
-                                "go back to the default LR (learning_rate in config/defaults.yaml) or half the LR "
-                                "that diverged, keep GRAD_CLIP=1.0, then RESUME=no", "diverging-or-nan-loss")
-        state.step += 1
-        state.running_sum += loss_value
-        state.running_count += 1
-        trained_tokens += len(batches[b]) * T
-        grad_norms.append(float(norm))
-        step_losses.append(loss_value)
-        bar.update(1)
-        bar.set_postfix(loss=f"{state.running_sum / state.running_count:.3f}", lr=f"{lr:.1e}",
-                        tok_s=f"{trained_tokens / (time.perf_counter() - started):.0f}", refresh=False)
-    bar.close()
+    with tqdm(total=len(batches), initial=state.position, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
+              disable=None if run.world.is_main else True, file=sys.stderr, dynamic_ncols=True) as bar:
+        for b in range(state.position, len(batches)):
+            if stop.due(run.world):  # Ctrl+C, SIGTERM or SIGHUP came: save this position and exit
+                bar.close()
+                save_and_exit(run, state, epoch, b, stop.due(run.world))
+            lr = lr_at(state.step, cfg, run.total_steps)
+            set_learning_rate(optimizer, lr)
+            windows, weight = run.world.share(batches[b])  # several processes: this one's slice, its share
+            x, y = get_batch(run.data.train_tokens, windows, T, run.device)
+            x = noise_inputs(x, run.data.train_tokens, cfg["input_noise"])
+            with step_guard(run, state, epoch, b):  # out of memory: save, then name a batch that fits
+                with run.autocast():
+                    loss = run.step_loss(x, y)  # model.loss(x, y); with several processes through DDP
+                (loss * weight).backward()  # DDP averages the processes' gradients during this
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            # several processes: the loss over all of them, and whether any of them was asked to stop
+            loss_value = stop.agree(run.world, loss.item(), y.numel() * (weight > 0), run.device)
+            stop_if_diverged(loss_value, lr, state, epoch, b, len(batches))
+            state.step += 1
+            state.running_sum += loss_value
+            state.running_count += 1
+            trained_tokens += len(batches[b]) * T
+            grad_norms.append(float(norm))  # before clipping: the spikes the clip caps show in history.json
+            step_losses.append(loss_value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.running_sum / state.running_count:.3f}", lr=f"{lr:.1e}",
+                            tok_s=f"{trained_tokens / (time.perf_counter() - started):.0f}", refresh=False)
     state.position = 0
     return {"started": started, "train_seconds": time.perf_counter() - started, "grad_norms": grad_norms,
             "step_losses": step_losses, "trained_tokens": trained_tokens}
@@ -343,9 +263,8 @@ def measure_epoch(run: Run, state: Progress, epoch: int, stats: dict, run_starte
 def end_of_epoch(run: Run, state: Progress, entry: dict) -> None:
     """Log one line; save best_model.pt / epoch_NNN.pt / last.pt, then history.json and metrics.jsonl (rank 0 writes).
 
-    The history files are written after the checkpoints and rewritten whole from the history, so
-    whatever stops a save (a full disk), they hold each epoch once, matching last.pt.
-    """
+    The history files come after the checkpoints, rewritten whole: whatever stops a save (a full disk),
+    they hold each epoch once, matching last.pt."""
     epoch, epochs, main = entry["epoch"], run.cfg["epochs"], run.world.is_main
     state.history.append(entry)
     state.running_sum, state.running_count = 0.0, 0
@@ -364,43 +283,10 @@ def end_of_epoch(run: Run, state: Progress, entry: dict) -> None:
         save_resumable(run, state, run.dir / f"epoch_{epoch:03d}.pt", "epoch", epoch, 0)
     save_resumable(run, state, run.dir / "last.pt", "last", epoch, 0)
     if main:
-        write_history(run, state)
-
-
-def write_history(run: Run, state: Progress) -> None:
-    write_json_atomic(run.dir / "history.json", {"config": public(run.cfg), "fingerprint": run.fingerprint,
-                                                 "epochs": state.history})
-    write_text_atomic(run.dir / "metrics.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in state.history))
-
-
-def check_room_for_saves(run: Run, state: Progress, epoch: int) -> None:
-    """Before an epoch starts: the saves at its end must fit, or training stops now, losing nothing.
-
-    Sizes are those of this run's checkpoints, serialised in memory; a file being replaced needs room
-    for its new copy beside the old one until the rename.
-    """
-    if not run.world.is_main:
-        return
-    if run.save_sizes is None:
-        run.save_sizes = (len(checkpoint_bytes(model_checkpoint(run, state, "best", epoch))),
-                          len(checkpoint_bytes(training_checkpoint(run, state, "last", epoch, 0, [rng_state()]))))
-    model_bytes, training_bytes = run.save_sizes
-    due = (epoch + 1) % run.cfg["checkpoint_every"] == 0
-    needed = model_bytes + training_bytes * (2 if due else 1) + (1 << 20)  # + history files
-    free = shutil.disk_usage(run.dir).free
-    if free >= needed:
-        return
-    sizes = f"a training checkpoint is {human_bytes(training_bytes)}, a model {human_bytes(model_bytes)}"
-    if not state.history:
-        raise PipelineError(
-            f"{run.dir} cannot hold this run's checkpoints: {human_bytes(free)} free, the first epoch's saves need "
-            f"about {human_bytes(needed)} ({sizes}); nothing was trained",
-            "free some disk space or point ARTIFACTS_DIR at a larger disk, then rerun the same command", "disk-full")
-    raise PipelineError(
-        f"{run.dir} has {human_bytes(free)} free, and the saves at the end of epoch {epoch + 1} need about "
-        f"{human_bytes(needed)} ({sizes}); stopped before training it, so nothing is lost: epochs 1-{epoch} are saved "
-        f"in {run.dir / 'last.pt'}",
-        f"free some disk space, then rerun the same command to resume ({resume_command(run.cfg)})", "disk-full")
+        write_json_atomic(run.dir / "history.json", {"config": public(run.cfg), "fingerprint": run.fingerprint,
+                                                     "epochs": state.history})
+        write_text_atomic(run.dir / "metrics.jsonl",
+                          "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in state.history))
 
 
 def finish(run: Run, state: Progress) -> None:
@@ -436,30 +322,15 @@ def main(cfg):
 
 
 def train(run: Run, world: World) -> None:
-    cfg = run.cfg
-    mode, ckpt = world.broadcast(choose_start(cfg, run.paths, run.identity) if world.is_main else None)
-    if mode in ("finished", "restored"):
-        if mode == "finished":
-            log(f"this run ({run.dir}) already finished with these settings; nothing to do "
-                f"(RESUME=no / --restart trains again, moving it aside)")
-        if world.is_main:
-            (run.dir / "train_done.json").touch()  # up to date for make, whose parameter file may be newer
+    cfg, state = run.cfg, start_or_resume(run)
+    if state is None:  # this run already finished
         return
-    if world.is_main:
-        run.dir.mkdir(parents=True, exist_ok=True)
-        append_log_to(stage_log(run.cfg, "train"))  # the run's own log: kept across resumes, moved with the run
-    state = restore(run, ckpt)
-    if world.is_main:
-        write_json_atomic(run.dir / "run.json", {"fingerprint": run.fingerprint, "identity": run.identity,
-                                                 "config": public(cfg)})
-        write_json_atomic(run.dir / "config.json", {**public(cfg), "overridden": cfg["_overridden"]})
+    run.model.train()
     if cfg["compile"]:
-        run.model.enable_compile()  # compiles lazily, at the first step (see guarded_step's fallback)
-    wrap_for_ranks(run)
-
-    stop = StopRequest()
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+        compile_or_eager(run)
+    if world.distributed:  # the loss through DistributedDataParallel, which averages the gradients in backward
+        run.step_loss = data_parallel(LossModule(run.model), run.device)
+    stop = StopRequest().listen()
     T, batch = cfg["max_seq_length"], cfg["batch_size"]
     processes = (f"world size {world.size} ({world.backend}, {batch // world.size} windows per process and step, "
                  f"{torch.get_num_threads()} threads each)" if world.distributed else "world size 1 (one process)")
@@ -467,22 +338,12 @@ def train(run: Run, world: World) -> None:
         f"({len(run.data.train_starts) * T:,} tokens/epoch); validation {len(run.data.val_starts) * T:,} tokens; "
         f"{processes}")
     run_started = time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0)
-    run.model.train()
-    try:
+    with lost_peer_explained(run, state):
         for epoch in range(state.epoch, cfg["epochs"]):
             check_room_for_saves(run, state, epoch)
             stats = train_epoch(run, state, epoch, stop)
             entry = measure_epoch(run, state, epoch, stats, run_started)
             end_of_epoch(run, state, entry)
-    except RuntimeError as exc:
-        if not world.distributed or not lost_peer(exc):
-            raise
-        saved = f"the last save is {run.dir / 'last.pt'} (epoch {len(state.history)})" if state.history else "nothing saved"
-        raise PipelineError(f"rank {world.rank}: another training process stopped or died, so this one stops too "
-                            f"({str(exc).splitlines()[0][:120]}); {saved}",
-                            "see the first error above (torchrun names the failed rank and its exit code); "
-                            f"rerun the same command to resume from the last save ({resume_command(cfg)})",
-                            "scaling-out") from None
     if world.is_main:
         finish(run, state)
 

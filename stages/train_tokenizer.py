@@ -13,17 +13,16 @@ any text round-trips instead of turning into <unk>. Normalisation is `identity`
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from lib.runtime.config import log_config, resolve_config, stage_log, stage_parser, stage_paths
 from lib.runtime.errors import PipelineError
 from lib.runtime.stage import log, run_stage
-from lib.runtime.files import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
+from lib.runtime.files import sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
 
@@ -78,6 +77,57 @@ def without_paths(model: bytes) -> bytes:
     return proto.SerializeToString()
 
 
+def train_model(cfg: dict, train_txt: Path) -> bytes:
+    """The trained model file's bytes. SentencePiece hands them over instead of writing files itself: a full
+    disk then fails in our writer, which says so, not in SentencePiece's, which wrote a cut-short model
+    without a word (the load after it failed with "unk is not defined")."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(cfg["tokenizer_seed"])
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(train_txt), model_writer=model, model_type="unigram",
+            vocab_size=cfg["vocab_size"], character_coverage=cfg["character_coverage"],
+            byte_fallback=cfg["byte_fallback"], normalization_rule_name="identity",
+            remove_extra_whitespaces=False, split_digits=True, max_sentence_length=4192,
+            num_threads=os.cpu_count() or 1,
+            # at most this many lines, drawn at random from a larger file: bounds memory
+            input_sentence_size=cfg["max_sentences"], shuffle_input_sentence=True,
+            minloglevel=2, **SPECIAL_IDS,
+            pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+        )
+    except RuntimeError as exc:
+        raise training_error(str(exc)) from None
+    return model.getvalue()
+
+
+def training_error(message: str) -> PipelineError:
+    too_high = re.search(r"Vocabulary size too high \((\d+)\).*?<= (\d+)", message, re.S)
+    if too_high:
+        return PipelineError(
+            f"vocab_size {too_high.group(1)} is larger than this corpus supports: "
+            f"SentencePiece reports a maximum of {too_high.group(2)}; nothing was written",
+            f"use VOCAB_SIZE={too_high.group(2)} or less (or a larger corpus)", "tokenizer-failures")
+    too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_low:
+        return PipelineError(
+            f"vocab_size {too_low.group(1)} is too small: this corpus has {too_low.group(2)} distinct characters "
+            f"and special pieces, each needing a piece of its own; nothing was written",
+            f"use VOCAB_SIZE={too_low.group(2)} or more", "tokenizer-failures")
+    return PipelineError(f"SentencePiece training failed: {message.strip()}; nothing was written",
+                         "check the corpus and VOCAB_SIZE", "tokenizer-failures")
+
+
+def vocab_text(model: bytes) -> str:
+    """spm.vocab as SentencePiece writes it: each piece and its score (C++'s default float format, %g)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    return "".join(f"{piece.piece}\t{piece.score:g}\n" for piece in proto.pieces)
+
+
 def main(cfg):
     import sentencepiece as spm
 
@@ -87,51 +137,18 @@ def main(cfg):
     if not train_txt.exists():
         raise PipelineError(f"training split {train_txt} is missing", "run `make prepare` first", "tokenizer-failures")
     text = train_txt.read_text(encoding="utf-8")
-    out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    spm.set_random_generator_seed(cfg["tokenizer_seed"])
-    with tempfile.TemporaryDirectory(dir=out, prefix=".train-") as tmp:
-        prefix = Path(tmp) / "spm"
-        try:
-            spm.SentencePieceTrainer.train(
-                input=str(train_txt), model_prefix=str(prefix), model_type="unigram",
-                vocab_size=cfg["vocab_size"], character_coverage=cfg["character_coverage"],
-                byte_fallback=cfg["byte_fallback"], normalization_rule_name="identity",
-                remove_extra_whitespaces=False, split_digits=True, max_sentence_length=4192,
-                num_threads=os.cpu_count() or 1,
-                # at most this many lines, drawn at random from a larger file: bounds memory
-                input_sentence_size=cfg["max_sentences"], shuffle_input_sentence=True,
-                minloglevel=2, **SPECIAL_IDS,
-                pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-            )
-        except RuntimeError as exc:
-            message = str(exc)
-            too_high = re.search(r"Vocabulary size too high \((\d+)\).*?<= (\d+)", message, re.S)
-            if too_high:
-                raise PipelineError(
-                    f"vocab_size {too_high.group(1)} is larger than this corpus supports: "
-                    f"SentencePiece reports a maximum of {too_high.group(2)}; nothing was written",
-                    f"use VOCAB_SIZE={too_high.group(2)} or less (or a larger corpus)", "tokenizer-failures") from None
-            too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
-            if too_low:
-                raise PipelineError(
-                    f"vocab_size {too_low.group(1)} is too small: this corpus has {too_low.group(2)} distinct characters "
-                    f"and special pieces, each needing a piece of its own; nothing was written",
-                    f"use VOCAB_SIZE={too_low.group(2)} or more", "tokenizer-failures") from None
-            raise PipelineError(f"SentencePiece training failed: {message.strip()}; nothing was written",
-                                "check the corpus and VOCAB_SIZE", "tokenizer-failures") from None
-        seconds = time.perf_counter() - start
-
-        sp = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
-        checks = sample_lines(text)
-        failures = round_trip_check(sp, checks)
-        if failures:
-            raise PipelineError(f"tokenizer round-trip failed on {failures} of {len(checks)} lines; nothing was written",
-                                "check --byte-fallback and --character-coverage", "tokenizer-failures")
-        write_bytes_atomic(out / "spm.model", without_paths(Path(f"{prefix}.model").read_bytes()))
-        with atomic_path(out / "spm.vocab") as dest:
-            shutil.copyfile(f"{prefix}.vocab", dest)
+    model = without_paths(train_model(cfg, train_txt))
+    seconds = time.perf_counter() - start
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    checks = sample_lines(text)
+    failures = round_trip_check(sp, checks)
+    if failures:
+        raise PipelineError(f"tokenizer round-trip failed on {failures} of {len(checks)} lines; nothing was written",
+                            "check --byte-fallback and --character-coverage", "tokenizer-failures")
+    write_bytes_atomic(out / "spm.model", model)
+    write_text_atomic(out / "spm.vocab", vocab_text(model))
 
     meta = {
         "vocab_size": sp.get_piece_size(),

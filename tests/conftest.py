@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import faults_helpers  # noqa: F401 - arms the test-only fault hooks in every process a test starts
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]

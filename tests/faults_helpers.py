@@ -1,6 +1,8 @@
 """Real faults for the tests: a small tmpfs is a full disk, a read-only bind mount a read-only folder.
 
 Both need root (this machine and CI run as root); elsewhere the tests that use them are skipped.
+Importing this module (conftest.py does) also arms the fault hooks of tests/fault_hooks/sitecustomize.py
+(FAULT_AT_STEP, FAULT_ENOSPC, ...) in every Python process the tests start, and in this one.
 """
 
 from __future__ import annotations
@@ -8,9 +10,17 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+FAULT_HOOKS = str(Path(__file__).resolve().parent / "fault_hooks")
+if FAULT_HOOKS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [FAULT_HOOKS, os.environ.get("PYTHONPATH")]))
+if FAULT_HOOKS not in sys.path:
+    sys.path.insert(0, FAULT_HOOKS)
+import sitecustomize  # noqa: E402,F401 - the hooks, for the modules this process imports from now on
 
 
 def _mount(*args) -> None:

@@ -135,7 +135,7 @@ def test_launch_problems_are_reported_before_any_work(prepared, tmp_path):
 
 
 def test_more_processes_than_cores_warns(capsys):
-    from lib.training.distributed import check_launch
+    from lib.training.launch import check_launch
     cores = os.cpu_count() or 1
     check_launch({"nproc": cores * 2, "nnodes": 1, "node_rank": 0, "master_port": 29500, "batch_size": cores * 2,
                   "device": "cpu"})

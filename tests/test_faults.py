@@ -1,8 +1,8 @@
 """Fault injection: every stage attacked; no finished work lost, every fault explained.
 
-Faults are injected deterministically: FAULT_AT_STEP (train.py: signal, kill -9, OOM,
-pause on a marker file), FAULT_ENOSPC (a write fails with "no space left"),
-FAULT_KILL_BEFORE_RENAME (kill -9 with a complete temp file not yet renamed).
+Faults are injected deterministically by the test-only hooks of tests/fault_hooks/sitecustomize.py:
+FAULT_AT_STEP (train.py: signal, kill -9, OOM, pause on a marker file), FAULT_ENOSPC (a write
+fails with "no space left"), FAULT_KILL_BEFORE_RENAME (kill -9 with a complete temp file not yet renamed).
 Nothing here sleeps to wait for a process: tests wait on files or on exit.
 Marked `slow` where a case needs several trainings (select with -m slow / -m "not slow").
 """

@@ -1,4 +1,5 @@
-"""TinyTransformer: shapes, causality, KV cache, initial loss, chunked loss, sampling filters."""
+"""The reference TinyTransformer: shapes, tied output, causality, KV cache, initial loss, sampling filters,
+the config's defaults and old checkpoints. The CPU fast path's kernels: tests/unit/test_fast_cpu.py."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO))
 from model import ModelConfig, TinyTransformer, sample_next  # noqa: E402
-from model.tiny_transformer import Dropout, bf16_causal_attention  # noqa: E402
 
-CFG = ModelConfig(vocab_size=300, n_layers=2, d_model=32, n_heads=4, max_seq_length=24)
+# the first block's architecture (GPT-2's), small; with ROTARY, today's
+CFG = ModelConfig(vocab_size=300, n_layers=2, d_model=32, n_heads=4, max_seq_length=24, positions="learned",
+                  activation="gelu")
+ROTARY = dict(positions="rotary", activation="relu2")
 
 
 def make_model(seed=0, cfg=CFG):
@@ -23,23 +26,36 @@ def make_model(seed=0, cfg=CFG):
 
 
 def test_logits_shape_and_tied_output():
-    model = make_model()
-    logits, loss = model(torch.randint(0, 300, (3, 10)))
-    assert logits.shape == (3, 10, 300) and loss is None
-    assert model.wte.weight.data_ptr() == model.wte.weight.data_ptr()
-    assert not any(name.startswith("lm_head") for name, _ in model.named_parameters())  # tied, no second matrix
+    """The output projection is the token embedding matrix itself: the logits move with it, nothing else
+    holds a vocab x d_model matrix, and the output's gradient lands in the embedding."""
+    for cfg in (CFG, ModelConfig(**{**CFG.to_dict(), **ROTARY})):
+        model = make_model(cfg=cfg)
+        x = torch.randint(0, 300, (3, 10))
+        logits, loss = model(x)
+        assert logits.shape == (3, 10, 300) and loss is None
+        h = torch.randn(5, cfg.d_model)
+        with torch.no_grad():
+            assert torch.allclose(model.output_logits(h), h @ model.wte.weight.T, atol=1e-6)
+            model.wte.weight[7] += 1.0  # token 7's embedding is token 7's output row
+            assert torch.allclose(model.output_logits(h)[:, 7], h @ model.wte.weight[7], atol=1e-6)
+        vocab_by_width = [name for name, p in model.named_parameters() if p.shape == (cfg.vocab_size, cfg.d_model)]
+        assert vocab_by_width == ["wte.weight"], f"a second vocab x d_model matrix: {vocab_by_width}"
+        model.output_logits(torch.randn(2, cfg.d_model))[:, 11].sum().backward()  # no token 11 in the input
+        assert model.wte.weight.grad is not None and model.wte.weight.grad[11].abs().sum() > 0
+
 
 
 def test_causal_masking_later_tokens_never_change_earlier_logits():
-    model = make_model()
-    x = torch.randint(0, 300, (1, 16))
-    y = x.clone()
-    y[0, 10:] = (y[0, 10:] + 7) % 300
-    with torch.no_grad():
-        a, _ = model(x)
-        b, _ = model(y)
-    assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6)
-    assert not torch.allclose(a[0, 10:], b[0, 10:], atol=1e-3)
+    for cfg in (CFG, ModelConfig(**{**CFG.to_dict(), **ROTARY})):
+        model = make_model(cfg=cfg)
+        x = torch.randint(0, 300, (1, 16))
+        y = x.clone()
+        y[0, 10:] = (y[0, 10:] + 7) % 300
+        with torch.no_grad():
+            a, _ = model(x)
+            b, _ = model(y)
+        assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6)
+        assert not torch.allclose(a[0, 10:], b[0, 10:], atol=1e-3)
 
 
 def test_kv_cache_generation_equals_full_recomputation():
@@ -55,111 +71,33 @@ def test_kv_cache_generation_equals_full_recomputation():
 
 
 def test_loss_at_initialisation_is_about_ln_vocab():
-    cfg = ModelConfig(vocab_size=8000, n_layers=2, d_model=128, n_heads=4, max_seq_length=64)
-    model = make_model(cfg=cfg)
+    model = make_model(cfg=ModelConfig(max_seq_length=64))  # the defaults: the trained architecture
     x = torch.randint(0, 8000, (4, 65))
     with torch.no_grad():
         loss = model.loss(x[:, :-1], x[:, 1:])
     assert abs(loss.item() - math.log(8000)) < 0.1
 
 
-def assert_chunked_loss_equals_full(cfg=CFG):
-    """The loss and two gradients, computed over the whole logits and 7 positions at a time, agree."""
-    x = torch.randint(0, 300, (4, 21))
-    results = []
-    for chunk in (0, 7):
-        model = make_model(cfg=cfg).train()
-        loss = model.loss(x[:, :-1], x[:, 1:], chunk_tokens=chunk)
-        loss.backward()
-        results.append((loss.item(), model.wte.weight.grad.clone(), model.h[0].attn.c_attn.weight.grad.clone()))
-    assert abs(results[0][0] - results[1][0]) < 1e-5
-    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
-    assert torch.allclose(results[0][2], results[1][2], atol=1e-6)
-    return x
-
-
-def test_chunked_loss_equals_full_loss_and_gradients():
-    assert_chunked_loss_equals_full()
-
-
 def test_forward_loss_matches_loss_method():
     model = make_model()
     x = torch.randint(0, 300, (2, 13))
     with torch.no_grad():
-        _, a = model(x[:, :-1], x[:, 1:])
+        logits, a = model(x[:, :-1], x[:, 1:])
         b = model.loss(x[:, :-1], x[:, 1:])
-        c = model.loss(x[:, :-1], x[:, 1:], chunk_tokens=5)  # the evaluation path: no gradients computed
     assert torch.allclose(a, b, atol=1e-6)
-    assert torch.allclose(a, c, atol=1e-5)
+    by_hand = -torch.log_softmax(logits, -1).gather(2, x[:, 1:, None]).mean()
+    assert torch.allclose(a, by_hand, atol=1e-5)
 
 
-def test_bf16_fast_path_matches_fp32_loss_and_gradients():
-    """Autocast bf16 + chunked loss + bf16 attention: the same loss and gradients as plain fp32, to bf16 precision."""
-    x = torch.randint(0, 300, (4, 21))
-    results = []
-    for fast in (False, True):
-        model = make_model().train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
-            loss = model.loss(x[:, :-1], x[:, 1:], chunk_tokens=16 if fast else 0)
-        loss.backward()
-        results.append((loss.item(), model.wte.weight.grad.clone(), model.h[0].attn.c_attn.weight.grad.clone()))
-    (loss_a, wte_a, attn_a), (loss_b, wte_b, attn_b) = results
-    assert abs(loss_a - loss_b) < 0.01 * loss_a
-    for a, b in ((wte_a, wte_b), (attn_a, attn_b)):
-        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
-        assert abs(a.norm() - b.norm()) < 0.05 * a.norm()
-
-
-def test_bf16_attention_is_causal_and_matches_fp32():
-    model = make_model()
-    x = torch.randint(0, 300, (2, 16))
-    y = x.clone()
-    y[:, 9:] = (y[:, 9:] + 5) % 300
+def test_dropout_is_on_in_training_and_off_in_eval_and_one_is_refused():
+    model = make_model(cfg=ModelConfig(**{**CFG.to_dict(), "dropout": 0.3}))
+    x = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
-        plain, _ = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            fast_x, _ = model(x)
-            fast_y, _ = model(y)
-    assert torch.allclose(fast_x[:, :9], fast_y[:, :9])  # later tokens never change earlier logits
-    assert (fast_x.float() - plain).abs().max() < 0.05 * plain.abs().max()
-
-
-
-def test_bf16_attention_in_query_blocks_matches_fp32_attention_and_its_gradients():
-    """Contexts longer than one block of queries (the last one partial): the scores the causal mask
-    discards are skipped, yet output and gradients equal PyTorch's fp32 attention to bf16 precision."""
-    torch.manual_seed(0)
-    B, H, T, D = 2, 3, 150, 16
-    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
-    grad_out = torch.randn(B, H, T, D)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = bf16_causal_attention(q, k, v, D)
-    fast.float().backward(grad_out)
-    fast_grads = [t.grad.clone() for t in (q, k, v)]
-    exact = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    reference = torch.nn.functional.scaled_dot_product_attention(*exact, is_causal=True)
-    reference.backward(grad_out)
-    assert (fast.float() - reference).abs().max() < 0.02 * reference.abs().max()
-    for got, want in zip(fast_grads, (t.grad for t in exact)):
-        assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
-        assert (got - want).abs().max() < 0.03 * want.abs().max()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation: the same numbers
-        assert torch.equal(bf16_causal_attention(q, k, v, D), fast)
-
-
-def test_dropout_zeroes_about_p_rescales_and_reuses_its_mask_in_backward():
-    torch.manual_seed(0)
-    drop = Dropout(0.25).train()
-    x = torch.ones(200, 1000, requires_grad=True)
-    out = drop(x)
-    zeroed = (out == 0).float().mean().item()
-    assert abs(zeroed - 0.25) < 0.01
-    assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / 0.75))
-    out.sum().backward()
-    assert torch.equal(x.grad, out.detach())  # gradient flows exactly where the output kept x
-    assert torch.equal(drop.eval()(x), x)
+        assert torch.equal(model.loss(x, x), model.loss(x, x))  # eval: no dropout
+        model.train()
+        assert not torch.equal(model.loss(x, x), model.loss(x, x))
     try:
-        Dropout(1.0)
+        TinyTransformer(ModelConfig(**{**CFG.to_dict(), "dropout": 1.0}))
     except ValueError as exc:
         assert "dropout" in str(exc)
     else:
@@ -183,9 +121,6 @@ def test_too_long_input_is_refused():
         assert "max_seq_length" in str(exc)
     else:
         raise AssertionError("expected ValueError")
-
-
-ROTARY = dict(positions="rotary", activation="relu2")
 
 
 def test_rotary_kv_cache_and_sliding_window_equal_full_recomputation():
@@ -228,22 +163,9 @@ def test_activations_keep_the_parameter_count():
     assert torch.equal(ACTIVATIONS["relu2"](x), torch.relu(x) ** 2)
 
 
-def test_hand_written_backward_passes_match_autograd():
-    """Rotary positions and squared ReLU have their own backward (speed): gradcheck both."""
-    from model.tiny_transformer import _RotaryFunction, _SquaredReLUFunction, rotary_tables
-
-    qk = torch.randn(2, 5, 2, 3, 8, dtype=torch.double, requires_grad=True)  # (B, T, q/k, heads, head_dim)
-    for dims in (8, 4):  # every dimension rotating, and half of them
-        cos, sin = (t[:, None, :].double() for t in rotary_tables(torch.arange(5), 8, dims, 100.0))
-        assert torch.autograd.gradcheck(lambda t: _RotaryFunction.apply(t, cos, sin, dims), (qk,))
-    h = torch.randn(40, dtype=torch.double)
-    h = (h + 0.1 * h.sign()).requires_grad_()  # away from the kink at 0, where the gradcheck's finite differences break
-    assert torch.autograd.gradcheck(_SquaredReLUFunction.apply, (h,))
-
-
-def test_measured_options_qk_norm_and_logit_softcap_keep_the_size_cache_and_chunked_gradients():
-    """The quality issue's options: no parameters added, the KV cache still equals recomputation, the chunked
-    loss (its own softcap backward) equals autograd through the full logits, and the cap bounds the logits."""
+def test_measured_options_qk_norm_and_logit_softcap_keep_the_size_and_the_cache():
+    """The quality issue's options: no parameters added, the KV cache still equals recomputation, and the cap
+    bounds the logits. (The fast path's softcap backward: tests/unit/test_fast_cpu.py.)"""
     for options in ({"qk_norm": True}, {"logit_softcap": 2.0}, {"qk_norm": True, "positions": "learned"}):
         cfg = ModelConfig(vocab_size=300, n_layers=2, d_model=32, n_heads=2, max_seq_length=24,
                           **{**ROTARY, **options})
@@ -253,11 +175,29 @@ def test_measured_options_qk_norm_and_logit_softcap_keep_the_size_cache_and_chun
         prompt = [2, 17, 42, 99]
         assert list(model.generate(prompt, 30, temperature=0)) == list(model.generate(prompt, 30, temperature=0,
                                                                                        use_cache=False))
-        x = assert_chunked_loss_equals_full(cfg)
         if "logit_softcap" in options:
+            x = torch.randint(0, 300, (2, 20))
             with torch.no_grad():
                 model.wte.weight.mul_(100)  # raw logits far beyond the cap
                 assert model(x)[0].abs().max() <= 2.0
+
+
+def test_config_defaults_are_the_trained_architecture():
+    """ModelConfig() is what config/defaults.yaml trains; an earlier checkpoint's missing keys are filled with the
+    first architecture's values by from_saved, never by the defaults."""
+    sys.path.insert(0, str(REPO / "stages"))
+    from lib.runtime.config import DEFAULT_CONFIG, load_yaml
+
+    train = load_yaml(DEFAULT_CONFIG)["train"]
+    defaults = ModelConfig()
+    for key in ("n_layers", "d_model", "n_heads", "mlp_ratio", "max_seq_length", "positions", "rotary_base",
+                "rotary_fraction", "activation", "qk_norm", "logit_softcap"):
+        assert getattr(defaults, key) == train[key], key
+    first = ModelConfig.from_saved({"vocab_size": 300, "n_layers": 2, "d_model": 32, "n_heads": 4, "mlp_ratio": 4,
+                                    "dropout": 0.0, "max_seq_length": 128})
+    assert (first.positions, first.activation, first.max_seq_length) == ("learned", "gelu", 128)
+    assert (first.rotary_base, first.rotary_fraction, first.qk_norm, first.logit_softcap) == (10000.0, 1.0, False, 0.0)
+    assert ModelConfig.from_saved(defaults.to_dict()) == defaults, "a full config is taken as saved"
 
 
 def test_checkpoints_of_earlier_architectures_still_load(tmp_path):
@@ -269,12 +209,12 @@ def test_checkpoints_of_earlier_architectures_still_load(tmp_path):
              "max_seq_length": 24}
     rotary = {**first, "positions": "rotary", "rotary_base": 10000.0, "rotary_fraction": 1.0, "activation": "relu2"}
     x = torch.randint(0, 300, (1, 12))
-    for saved_config in (first, rotary):
-        model = make_model(cfg=ModelConfig(**saved_config))
+    for saved_config, trained in ((first, CFG), (rotary, ModelConfig(**{**CFG.to_dict(), **ROTARY}))):
+        model = make_model(cfg=trained)
         path = tmp_path / "best_model.pt"
         torch.save({"format": "tiny-transformer-checkpoint/1", "kind": "best", "model": model.state_dict(),
                     "model_config": saved_config}, path)
         loaded, _ = load_model(path)
-        assert not loaded.cfg.qk_norm and loaded.cfg.logit_softcap == 0.0
+        assert loaded.cfg == trained
         with torch.no_grad():
             assert torch.equal(loaded(x)[0], model(x)[0])

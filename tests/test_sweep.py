@@ -88,3 +88,35 @@ def test_ctrl_c_lets_the_run_save_and_the_next_sweep_resumes_it(encoded, tmp_pat
     assert re.search(r"resuming \S*last.pt from epoch 2", (first / "train.log").read_text())
     rows = json.loads((encoded.artifacts / "sweep" / "results.json").read_text())
     assert sorted(row["setting"]["learning_rate"] for row in rows) == ["0.001", "0.002"]
+
+
+def test_two_sweeps_of_one_grid_in_one_folder_share_the_runs_and_both_exit_0(encoded, tmp_path):
+    """A run one sweep is training, the other leaves to it. Before, each started train.py on the other's
+    run, was refused by its training lock, wrote that refusal over the run's log and exited 1."""
+    marker, grid = tmp_path / "paused", "learning_rate=0.003,0.002"
+    tiny = [word for i, word in enumerate(TINY_TRAIN)
+            if word not in ("--epochs", "--learning-rate") and TINY_TRAIN[i - 1] not in ("--epochs", "--learning-rate")]
+    cmd = [sys.executable, str(REPO / "stages" / "sweep.py"), "--grid", grid, "--epochs", "1", "--data-dir",
+           str(encoded.data), "--artifacts-dir", str(encoded.artifacts), "--extra", " ".join(tiny)]
+    first = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "FAULT_AT_STEP": f"2:pause={marker}"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the first sweep's first run reached step 2"
+        second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        while first.poll() is None:  # the first sweep's runs pause at step 2 until the marker is gone
+            marker.unlink(missing_ok=True)
+            time.sleep(0.05)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0 and "Traceback" not in err, out + err
+    assert second.returncode == 0 and "Traceback" not in second.stderr, second.stdout + second.stderr
+    assert re.search(rf"learning_rate-0.003_\S+: another sweep \(pid {first.pid}\) is training it", second.stdout)
+    assert "1 run(s) left to another sweep" in second.stdout
+    logs = {log.parent.name: log.read_text() for log in (encoded.artifacts / "sweep").glob("*/train.log")}
+    assert len(logs) == 2 and all("another training run" not in text and "done in" in text for text in logs.values())
+    rows = json.loads((encoded.artifacts / "sweep" / "results.json").read_text())
+    assert sorted(row["setting"]["learning_rate"] for row in rows) == ["0.002", "0.003"]
+    assert not list((encoded.artifacts / "sweep").glob("*/.sweep.lock")), "each run's lock goes with it"

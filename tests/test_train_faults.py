@@ -1,16 +1,22 @@
 """Real faults around training: a disk that fills up (a tmpfs) at an epoch's end or is too small from
-the start, and Ctrl+C of several processes sent to the process group as a terminal does."""
+the start, Ctrl+C of several processes sent to the process group as a terminal does, and a terminal
+that closes under a run."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import select
 import signal
+import struct
 import subprocess
+import termios
 import time
 
 import torch
 
+import pytest
 from conftest import PYTHON, REPO, TINY_TRAIN, Workspace, losses, steps_per_epoch
 from faults_helpers import fill, small_disk
 
@@ -65,15 +71,16 @@ def test_a_folder_that_cannot_hold_one_save_is_refused_before_training(encoded):
         assert "epoch  1/2" not in result.stdout and "Traceback" not in result.stderr
 
 
-def test_ctrl_c_of_two_processes_ends_like_one_and_names_the_settings(encoded, tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_ctrl_c_or_sighup_of_two_processes_ends_like_one_and_names_the_settings(encoded, tmp_path, signum, code):
     marker = tmp_path / "paused"
     args = [*TINY_TRAIN, "--epochs", "3", "--learning-rate", "0.0025", "--nproc", "2", "--dropout", "0"]
     proc = start_train(encoded, *args, env={"FAULT_AT_STEP": f"5:pause={marker}", "FAULT_RANK": "0"})
     wait_for(marker)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C at the terminal does: the whole foreground group
+    os.killpg(proc.pid, signum)  # what Ctrl+C at the terminal (or the shell of a closed one) does: the whole group
     marker.unlink()
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err and "SignalException" not in err and "ChildFailedError" not in err, err
     assert "resume with: python stages/train.py" in err and "--learning-rate 0.0025" in err and "--nproc 2" in err
     last = torch.load(encoded.artifacts / "checkpoints" / "last.pt", weights_only=True)
@@ -121,3 +128,41 @@ def test_clean_targets_refuse_while_a_training_run_holds_the_folder(encoded, tmp
     assert proc.returncode == 130, err
     subprocess.run([*make, "clean-checkpoints"], capture_output=True, text=True, env=env, check=True)
     assert not (encoded.artifacts / "checkpoints").exists()
+
+
+def test_a_closed_terminal_saves_exits_129_and_the_rerun_resumes(encoded, corpus_file, tmp_path):
+    """Training runs with a pseudo-terminal as its controlling terminal; mid-epoch 1 the test closes the
+    terminal's other end, as a closed window or a dropped SSH session does. The kernel sends SIGHUP, and
+    every later write to the terminal fails with EIO: the save must still happen and end with 129, not a
+    traceback (exit 1) or a failed flush at exit (120); the rerun resumes instead of archiving an empty run."""
+    straight = Workspace(tmp_path / "straight").prepare_data(corpus_file)
+    straight.run("train.py", *TINY_TRAIN)
+    marker = tmp_path / "paused"
+    terminal, tty = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns: the bar is drawn
+    cmd = [PYTHON, str(REPO / "stages" / "train.py"), "--data-dir", str(encoded.data), "--artifacts-dir",
+           str(encoded.artifacts), *TINY_TRAIN]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=tty, stdout=tty, stderr=tty, start_new_session=True,
+                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # the pty: its terminal
+                            env={**os.environ, "FAULT_AT_STEP": f"5:pause={marker}"})
+    os.close(tty)
+    shown, deadline = b"", time.time() + 180
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        if select.select([terminal], [], [], 0.05)[0]:  # read what it shows, so that it never blocks writing
+            shown += os.read(terminal, 65536)
+    assert marker.exists(), shown.decode(errors="replace")
+    while select.select([terminal], [], [], 0.5)[0]:
+        shown += os.read(terminal, 65536)
+    assert b"epoch 1/2" in shown, "the progress bar was being drawn on the terminal"
+    os.close(terminal)  # the terminal goes away
+    marker.unlink()
+    assert proc.wait(timeout=120) == 129
+    last = torch.load(encoded.artifacts / "checkpoints" / "last.pt", weights_only=True)
+    assert (last["epoch"], last["position"], last["step"]) == (0, 6, 6)  # the paused step finished, then the save
+    assert not (encoded.artifacts / ".train.lock").exists()
+
+    rerun = encoded.run("train.py", *TINY_TRAIN)
+    assert "resuming" in rerun.stdout and "from epoch 1, batch 6" in rerun.stdout
+    assert not (encoded.artifacts / "checkpoints-archive").exists(), "no run was moved aside"
+    assert losses(encoded) == losses(straight)
+

@@ -67,22 +67,26 @@ def get_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int, device) -> t
     return batch[:, :-1], batch[:, 1:]
 
 
-def mean_loss(model, tokens, starts, seq_len, batch_size, device, autocast, chunk_tokens=512) -> float:
+def mean_loss(model, tokens, starts, seq_len, batch_size, device, autocast) -> float:
     """Mean cross-entropy (nats/token) over the given windows, in eval mode (no dropout)."""
-    total, count = loss_sum(model, tokens, starts, seq_len, batch_size, device, autocast, chunk_tokens)
+    total, count = loss_sum(model, tokens, starts, seq_len, batch_size, device, autocast)
     return total / max(1, count)
 
 
 @torch.no_grad()
-def loss_sum(model, tokens, starts, seq_len, batch_size, device, autocast, chunk_tokens=512) -> tuple[float, int]:
-    """Summed cross-entropy (nats) over the given windows and their token count, in eval mode (no dropout)."""
+def loss_sum(model, tokens, starts, seq_len, batch_size, device, autocast) -> tuple[float, int]:
+    """Summed cross-entropy (nats) over the given windows and their token count, in eval mode (no dropout).
+
+    model.loss is the model's own: on the reference model it holds batch_size x seq_len x
+    vocab logits in memory at once, on a fast-path model one chunk of them (model/fast_cpu.py).
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
         x, y = get_batch(tokens, starts[i:i + batch_size], seq_len, device)
         with autocast():
-            loss = model.loss(x, y, chunk_tokens)
+            loss = model.loss(x, y)
         total += float(loss) * y.numel()
         count += y.numel()
     model.train(was_training)

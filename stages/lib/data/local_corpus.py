@@ -9,7 +9,7 @@ from lib.runtime.errors import PipelineError
 from lib.runtime.files import human_bytes
 
 HTML_SUFFIXES = (".html", ".htm")
-CORPUS_SUFFIXES = (".txt", *HTML_SUFFIXES)  # what a CORPUS_PATH folder may hold (the Makefile lists them too)
+CORPUS_SUFFIXES = (".txt", *HTML_SUFFIXES)  # what a CORPUS_PATH folder may hold (check.py lists them for make)
 
 
 def read_local(path_arg: str, limit_bytes: int) -> bytes:

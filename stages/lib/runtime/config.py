@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from lib.runtime.errors import EXIT_OK, EXIT_USAGE, PipelineError
-from lib.runtime.stage import log, set_stage_name
+from lib.runtime.stage import log, run_stage, set_stage_name
 from lib.runtime.files import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -32,7 +32,8 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 LAUNCH_KEYS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")
 # Where files live and how hard to try are not what a stage produces: they stay out of the parameter
 # files, so another ARTIFACTS_DIR or a longer timeout reruns nothing.
-NOT_RESULT_KEYS = ("data_dir", "artifacts_dir", "timeout_s", "retries", "max_download_mb", *LAUNCH_KEYS)
+NOT_RESULT_KEYS = ("data_dir", "artifacts_dir", "timeout_s", "retries", "stall_timeout_s", "max_download_mb",
+                   *LAUNCH_KEYS)
 # PIPELINE_CONFIG points every stage at another defaults file (the docs tests use a tiny one).
 DEFAULT_CONFIG = Path(os.environ.get("PIPELINE_CONFIG") or REPO_ROOT / "config" / "defaults.yaml")
 
@@ -103,6 +104,24 @@ def _coerce(key: str, action: argparse.Action, value, errors: list[str]):
         return value
 
 
+def _yaml_values(defaults: dict, sections: tuple, borrow, actions: dict, config: Path, errors: list[str]) -> dict:
+    """The keys of `sections`, typed as their flags; an unknown key is an error unless its section is borrowed."""
+    cfg: dict = {}
+    for section in sections:
+        values = defaults.get(section) or {}
+        if not isinstance(values, dict):
+            errors.append(f"section '{section}' in {config} must be a mapping")
+            continue
+        for key, value in values.items():
+            if key not in actions and section in borrow:
+                continue
+            if key not in actions:
+                errors.append(f"unknown key '{section}.{key}' in {config}")
+                continue
+            cfg[key] = _coerce(f"{section}.{key}", actions[key], value, errors)
+    return cfg
+
+
 def resolve_config(parser: argparse.ArgumentParser, stage: str, argv=None, validate=None, borrow=()) -> dict:
     """Merge YAML defaults and flags into one flat dict; print it with --print-params.
 
@@ -121,21 +140,8 @@ def resolve_config(parser: argparse.ArgumentParser, stage: str, argv=None, valid
             errors.append(f"unknown section '{section}' in {args.config} (known: {', '.join(sorted(known_sections))})")
 
     actions = {a.dest: a for a in parser._actions}
-    cfg: dict = {}
+    cfg = _yaml_values(defaults, ("paths", *borrow, stage), borrow, actions, args.config, errors)
     overridden: list[str] = []
-    for section in ("paths", *borrow, stage):
-        values = defaults.get(section) or {}
-        if not isinstance(values, dict):
-            errors.append(f"section '{section}' in {args.config} must be a mapping")
-            continue
-        for key, value in values.items():
-            if key not in actions and section in borrow:
-                continue
-            if key not in actions:
-                errors.append(f"unknown key '{section}.{key}' in {args.config}")
-                continue
-            cfg[key] = _coerce(f"{section}.{key}", actions[key], value, errors)
-
     for dest, action in actions.items():
         if dest in ("help", "config", "print_params", "write_params"):
             continue
@@ -161,8 +167,8 @@ def resolve_config(parser: argparse.ArgumentParser, stage: str, argv=None, valid
     if args.print_params:
         print(json.dumps(cfg, indent=2, sort_keys=True))
         sys.exit(EXIT_OK)
-    if args.write_params:
-        write_params(args.write_params, stage, cfg)
+    if args.write_params:  # a write like any stage's: a full disk or read-only folder is one message, no traceback
+        run_stage(lambda _: write_params(args.write_params, stage, cfg), cfg, report_time=False)
         sys.exit(EXIT_OK)
     cfg["_overridden"] = sorted(overridden)
     cfg["_config"] = str(args.config)

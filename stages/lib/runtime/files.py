@@ -12,8 +12,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
-import signal
 from pathlib import Path
 
 from lib.runtime.errors import PipelineError
@@ -47,9 +47,22 @@ def disk_full_error(path: Path, needed: int | None = None,
     need = f"; it needs about {human_bytes(needed)}" if needed else ""
     return PipelineError(
         f"disk full while writing {path} ({human_bytes(shutil.disk_usage(folder).free)} free in {folder}{need}); {kept}",
-        "free some disk space (or point DATA_DIR / ARTIFACTS_DIR at a larger disk) and rerun the same command",
+        f"free some disk space (`df -h {folder}` shows that disk), or point DATA_DIR / ARTIFACTS_DIR at a larger "
+        f"disk, and rerun the same command",
         "disk-full",
     )
+
+
+# numpy writes arrays with fwrite and, on a short write, raises an OSError without errno: "670064 requested
+# and 251840 written". A file system only writes less than asked when it is full (or over quota).
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
+
+def is_disk_full(exc: OSError) -> bool:
+    """ENOSPC, a full quota, or numpy's errno-less short write."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return exc.errno is None and bool(_SHORT_WRITE.match(str(exc)))
 
 
 @contextlib.contextmanager
@@ -70,17 +83,22 @@ def atomic_path(path: Path, needed_bytes: int | None = None):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        if os.environ.get("FAULT_KILL_BEFORE_RENAME") and os.environ["FAULT_KILL_BEFORE_RENAME"] in path.name:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with a complete temp file not yet renamed
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
+        _remove_quietly(tmp)
+        if is_disk_full(exc):
             raise disk_full_error(path, needed_bytes) from None
         raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise
+
+
+def _remove_quietly(tmp: Path) -> None:
+    # on a read-only folder even removing a file that was never made fails (EROFS): that second error
+    # must not hide the first, which names the real fault
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -93,16 +111,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def inject_disk_full_fault(path: Path) -> None:
-    """Fault hook for tests: FAULT_ENOSPC=<substring of a file name> fails that write."""
-    target = os.environ.get("FAULT_ENOSPC")
-    if target and target in Path(path).name:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     with atomic_path(path, len(data)) as tmp:
-        inject_disk_full_fault(path)
         tmp.write_bytes(data)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import select
 import signal
 import sys
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from lib.runtime.errors import EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM, PipelineError, Terminated
-from lib.runtime.files import disk_full_error, write_text_atomic
+from lib.runtime.files import disk_full_error, is_disk_full, write_text_atomic
 
 @contextlib.contextmanager
 def signals_held():
@@ -152,7 +153,7 @@ def run_stage(main, cfg: dict, report_time: bool = True, log_file: Path | None =
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_SIGPIPE)
     except OSError as exc:
-        explained = explain_os_error(exc)
+        explained = explain_os_error(exc, cfg)
         if explained is None:
             raise
         print(str(explained), file=sys.stderr, flush=True)
@@ -173,17 +174,36 @@ def _reader_gone(stream) -> bool:
         return False
 
 
-def explain_os_error(exc: OSError) -> PipelineError | None:
+# The make target of each stage whose name differs from it.
+MAKE_TARGETS = {"train_tokenizer": "tokenizer", "figures": "docs"}
+
+
+def explain_os_error(exc: OSError, cfg=None) -> PipelineError | None:
     """A full disk, a read-only folder or a missing permission, said as what to do; None for anything else."""
     where = Path(exc.filename) if exc.filename else None
-    if exc.errno == errno.ENOSPC:
+    if where is not None and (temp := re.fullmatch(r"\.(.+)\.tmp\d+", where.name)):
+        where = where.with_name(temp.group(1))  # atomic_path's temp file: name the file being written
+    if is_disk_full(exc):
         return disk_full_error(where or Path("a file"), kept=f"stage '{_STAGE}' stopped and its finished outputs are "
                                                              f"untouched")
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         why = "the file system is read-only" if exc.errno == errno.EROFS else "permission denied"
-        return PipelineError(
-            f"cannot write {where or 'a file'}: {why}; stage '{_STAGE}' stopped without changing its outputs",
-            f"make {where.parent if where else 'the folder'} writable (or point DATA_DIR / ARTIFACTS_DIR at a writable "
-            f"folder, e.g. `make evaluate ARTIFACTS_DIR=/tmp/artifacts` after copying artifacts/ there) and rerun",
-            "read-only-folder-or-permission-denied")
+        folder = where.parent if where else "the folder"
+        return PipelineError(f"cannot write {where or 'a file'}: {why}; stage '{_STAGE}' stopped without changing its "
+                             f"outputs", f"make {folder} writable and rerun, or work on a writable copy: "
+                                         f"{_writable_copy_command(where, cfg)}",
+                             "read-only-folder-or-permission-denied")
     return None
+
+
+def _writable_copy_command(where: Path | None, cfg) -> str:
+    """`cp -a ROOT/. /tmp/ROOT && make TARGET VAR=/tmp/ROOT`, ROOT the DATA_DIR or ARTIFACTS_DIR holding `where`."""
+    values = cfg if isinstance(cfg, dict) else vars(cfg) if cfg is not None else {}
+    target = MAKE_TARGETS.get(_STAGE, _STAGE)
+    for variable, key in (("ARTIFACTS_DIR", "artifacts_dir"), ("DATA_DIR", "data_dir")):
+        root = values.get(key)
+        if root and where is not None and where.resolve().is_relative_to(Path(root).resolve()):
+            copy = f"/tmp/{Path(root).resolve().name}"
+            return f"`cp -a {root}/. {copy} && make {target} {variable}={copy}` (with the other variables you gave)"
+    return (f"copy the folder somewhere writable and point DATA_DIR or ARTIFACTS_DIR there, e.g. "
+            f"`cp -a artifacts/. /tmp/artifacts && make {target} ARTIFACTS_DIR=/tmp/artifacts`")

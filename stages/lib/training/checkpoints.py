@@ -1,4 +1,5 @@
-"""Checkpoint files: plain dicts of tensors and JSON-able values, written atomically.
+"""Checkpoint files: plain dicts of tensors and JSON-able values, built from a training run, written
+atomically (with the check, before each epoch, that its saves will fit), loaded back safely.
 
 A checkpoint never holds a custom class, so `torch.load(path, weights_only=True)`
 loads it, and a crafted pickle that would run code is refused instead of run.
@@ -14,6 +15,8 @@ training checkpoints ("epoch", "last") add what exact resume needs:
     optimizer, scheduler, position (batches done in the current epoch),
     running_loss_sum, running_loss_count, rng {python, numpy, torch[, cuda]}, history,
     rng_by_rank (every training process's rng, rank 0's first), world_size
+
+`run` and `state` below are train.py's Run and Progress (lib/training/state.py).
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ from __future__ import annotations
 import io
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lib.runtime.config import checkpoint_path, stage_paths
+from lib.runtime.config import checkpoint_path, public, stage_paths
 from lib.runtime.errors import PipelineError
-from lib.runtime.files import write_bytes_atomic
+from lib.runtime.files import human_bytes, write_bytes_atomic
 
 FORMAT = "tiny-transformer-checkpoint/1"
 
@@ -44,6 +48,64 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     """Write atomically. A full disk is an OSError here, never torch's 'unexpected pos' RuntimeError,
     so it becomes the clear disk-full message of lib/runtime/files.py."""
     write_bytes_atomic(path, checkpoint_bytes(payload))
+
+
+def model_checkpoint(run, state, kind: str, epoch: int, **extra) -> dict:
+    """best_model.pt / final_model.pt: the weights and what they are."""
+    return {"kind": kind, "model": run.model.state_dict(), "model_config": run.model_config.to_dict(),
+            "config": public(run.cfg), "tokenizer_sha256": run.data.tokenizer["model_sha256"], "fingerprint": run.fingerprint,
+            "epoch": epoch, "step": state.step, "best_val_loss": state.best_val, **extra}
+
+
+def training_checkpoint(run, state, kind: str, epoch: int, position: int, rng_by_rank: list) -> dict:
+    """last.pt / epoch_NNN.pt: a model checkpoint plus all that an exact resume needs.
+
+    rng_by_rank: every training process's random state (rng_state()), rank 0's first.
+    """
+    cfg = run.cfg
+    return model_checkpoint(
+        run, state, kind, epoch, position=position, history=state.history, optimizer=run.optimizer.state_dict(),
+        scheduler={"kind": "warmup-" + cfg["lr_schedule"], "decay_fraction": cfg["decay_fraction"], "step": state.step,
+                   "total_steps": run.total_steps, "warmup_steps": cfg["warmup_steps"], "min_lr_ratio": cfg["min_lr_ratio"]},
+        running_loss_sum=state.running_sum, running_loss_count=state.running_count, rng=rng_by_rank[0],
+        rng_by_rank=rng_by_rank, world_size=len(rng_by_rank))
+
+
+def save_resumable(run, state, path: Path, kind: str, epoch: int, position: int) -> None:
+    """last.pt / epoch_NNN.pt with every rank's random state (all ranks call this; rank 0 writes)."""
+    rng_by_rank = run.world.gather(rng_state())
+    if run.world.is_main:
+        save_checkpoint(path, training_checkpoint(run, state, kind, epoch, position, rng_by_rank))
+
+
+def check_room_for_saves(run, state, epoch: int) -> None:
+    """Before an epoch starts: the saves at its end must fit, or training stops now, losing nothing.
+
+    Sizes are those of this run's checkpoints, serialised in memory; a file being replaced needs room
+    for its new copy beside the old one until the rename.
+    """
+    if not run.world.is_main:
+        return
+    if run.save_sizes is None:
+        run.save_sizes = (len(checkpoint_bytes(model_checkpoint(run, state, "best", epoch))),
+                          len(checkpoint_bytes(training_checkpoint(run, state, "last", epoch, 0, [rng_state()]))))
+    model_bytes, training_bytes = run.save_sizes
+    due = (epoch + 1) % run.cfg["checkpoint_every"] == 0
+    needed = model_bytes + training_bytes * (2 if due else 1) + (1 << 20)  # + history files
+    free = shutil.disk_usage(run.dir).free
+    if free >= needed:
+        return
+    sizes = f"a training checkpoint is {human_bytes(training_bytes)}, a model {human_bytes(model_bytes)}"
+    if not state.history:
+        raise PipelineError(
+            f"{run.dir} cannot hold this run's checkpoints: {human_bytes(free)} free, the first epoch's saves need "
+            f"about {human_bytes(needed)} ({sizes}); nothing was trained",
+            "free some disk space or point ARTIFACTS_DIR at a larger disk, then rerun the same command", "disk-full")
+    raise PipelineError(
+        f"{run.dir} has {human_bytes(free)} free, and the saves at the end of epoch {epoch + 1} need about "
+        f"{human_bytes(needed)} ({sizes}); stopped before training it, so nothing is lost: epochs 1-{epoch} are saved "
+        f"in {run.dir / 'last.pt'}", f"free some disk space, then rerun the same command to resume ({run.resume})",
+        "disk-full")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -105,7 +167,7 @@ def load_model(path: Path, tokenizer_sha256: str | None = None):
             f"current {tokenizer_sha256[:12]}...)",
             "retrain the model with the current tokenizer: `make train` (or restore the old tokenizer)",
             "checkpoint-and-tokenizer-mismatch")
-    model = TinyTransformer(ModelConfig(**payload["model_config"]))
+    model = TinyTransformer(ModelConfig.from_saved(payload["model_config"]))
     model.load_state_dict(payload["model"])
     model.eval()
     return model, payload

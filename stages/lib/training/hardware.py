@@ -92,9 +92,24 @@ def memory_limit_bytes(cfg: dict) -> tuple[int, str]:
     return (limit if limit is not None else 1 << 62), what
 
 
-def smaller_batch_hint(cfg: dict) -> str:
-    smaller = max(1, cfg["batch_size"] // 2)
-    return f"try BATCH_SIZE={smaller} (or SEQ_LEN={max(8, cfg['max_seq_length'] // 2)})"
+def lr_for_batch(cfg: dict, batch: int) -> float:
+    """The LR that goes with `batch`: two thirds per halving (x ** 0.585 = (2/3) ** halvings; docs/troubleshooting.md),
+    from the batch and LR this run set, or, where LR was left at its default, from the defaults' own pair (a bare
+    BATCH_SIZE=128 did not scale its LR up, so the LR for a smaller batch is not scaled down from it)."""
+    ref_batch, ref_lr = cfg["batch_size"], cfg["learning_rate"]
+    if cfg.get("_config") and "learning_rate" not in cfg.get("_overridden", ["learning_rate"]):
+        from lib.runtime.config import load_yaml
+
+        defaults = load_yaml(Path(cfg["_config"])).get("train", {})
+        ref_batch, ref_lr = defaults.get("batch_size", ref_batch), defaults.get("learning_rate", ref_lr)
+    return ref_lr * (batch / ref_batch) ** 0.585
+
+
+def smaller_batch_hint(cfg: dict, batch: int = 0) -> str:
+    """The command to type for a smaller batch (half the run's unless given), with the LR that goes with it."""
+    batch = batch or max(1, cfg["batch_size"] // 2)
+    lr = lr_for_batch(cfg, batch)
+    return f"type: make train BATCH_SIZE={batch} LR={lr:.2g} (the LR follows the batch, two thirds per halving)"
 
 
 def fitting_hint(cfg: dict, n_params: int, vocab: int, limit: int) -> str:
@@ -112,8 +127,8 @@ def fitting_hint(cfg: dict, n_params: int, vocab: int, limit: int) -> str:
     while seq >= 8 and not fits(max_seq_length=seq):
         seq //= 2
     keep_batch = f" (or keep the batch and use SEQ_LEN={seq})" if seq >= 8 else ""
-    return (f"the largest batch that fits is about BATCH_SIZE={batch}{keep_batch}; with a smaller batch, lower LR too "
-            f"(LR follows the batch: about a third lower per halving)")
+    return (f"the largest batch that fits is about BATCH_SIZE={batch}{keep_batch}; with a smaller batch, lower LR too: "
+            + smaller_batch_hint(cfg, batch))
 
 
 def check_memory(cfg, n_params, vocab):

@@ -1,5 +1,6 @@
 """How the weights are updated: the optimizer (AdamW, or Muon + AdamW) and its parameter groups,
-the learning-rate schedule (warmup, then cosine or warmup-stable-decay), one step."""
+the learning-rate schedule (warmup, then cosine or warmup-stable-decay). train.py's loop takes the
+step itself; train_step below is the same step for bench.py, which times its parts."""
 
 from __future__ import annotations
 
@@ -100,12 +101,12 @@ class MuonAdamW:
 class LossModule(torch.nn.Module):
     """The model with the training loss as its forward: what DistributedDataParallel wraps (train.py)."""
 
-    def __init__(self, model, chunk_tokens: int):
+    def __init__(self, model):
         super().__init__()
-        self.model, self.chunk_tokens = model, chunk_tokens
+        self.model = model
 
     def forward(self, x, y):
-        return self.model.loss(x, y, chunk_tokens=self.chunk_tokens)
+        return self.model.loss(x, y)
 
 
 def _unlabelled(name: str) -> contextlib.nullcontext:
@@ -114,7 +115,8 @@ def _unlabelled(name: str) -> contextlib.nullcontext:
 
 def train_step(model, optimizer, x, y, autocast, loss_fn, grad_clip: float,
                loss_weight: float = 1.0, phase=_unlabelled) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step: forward and loss, backward, clip the global gradient norm, optimizer update.
+    """One optimisation step as train.py's loop takes it: forward and loss, backward, clip the global
+    gradient norm, optimizer update.
 
     Returns the loss and the gradient norm before clipping (grad_clip <= 0: no clipping).
     loss_weight scales the gradient (a rank's share of a batch, lib/training/distributed.py).

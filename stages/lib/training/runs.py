@@ -21,7 +21,7 @@ from pathlib import Path
 from lib.training.checkpoints import load_checkpoint
 from lib.runtime.code_files import code_files
 from lib.runtime.config import DEFAULT_CONFIG, LAUNCH_KEYS, REPO_ROOT, public
-from lib.training.distributed import LAUNCH_SETTINGS_ENV
+from lib.training.launch import LAUNCH_SETTINGS_ENV
 from lib.runtime.errors import PipelineError
 from lib.runtime.stage import log
 from lib.runtime.files import FolderLock, lock_folder

@@ -1,8 +1,8 @@
 """A training run's state: what is fixed for the run (Run), what changes as it trains (Progress),
-what its checkpoint files hold, and how a saved run is restored for an exact resume.
+where it starts, and how a saved run is restored for an exact resume.
 
-train.py builds a Run in setup() and a Progress in restore(); the checkpoint keys are
-those documented in lib/training/checkpoints.py.
+train.py builds a Run in setup() and a Progress in start_or_resume(); what a checkpoint holds is
+built and documented in lib/training/checkpoints.py.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import numpy as np
 import torch
 
 from lib.data.batches import TrainingData
-from lib.training.checkpoints import restore_rng_state
-from lib.runtime.config import public
-from lib.training.distributed import World
+from lib.runtime.config import public, stage_log
 from lib.runtime.errors import PipelineError
-from lib.runtime.stage import log
+from lib.runtime.files import write_json_atomic
+from lib.runtime.stage import append_log_to, log
+from lib.training.checkpoints import restore_rng_state
+from lib.training.distributed import World
+from lib.training.runs import choose_start
 from model import ModelConfig, TinyTransformer
 
 
@@ -40,7 +42,8 @@ class Run:
     identity: dict
     fingerprint: str
     world: World  # this process among the training processes (one process: rank 0 of 1)
-    step_loss: object  # (x, y) -> the training loss; DistributedDataParallel-wrapped with several processes
+    step_loss: object  # (x, y) -> the training loss: model.loss, through DistributedDataParallel with several processes
+    resume: str  # the command that continues this run (lib/training/runs.resume_command)
     save_sizes: tuple | None = None  # bytes of (a model checkpoint, a training checkpoint), measured once
 
     @property
@@ -58,7 +61,29 @@ class Progress:
     history: list = field(default_factory=list)
     running_sum: float = 0.0
     running_count: int = 0
-    first_step: int = 0  # the step this process started at (torch.compile may fall back only there)
+
+
+def start_or_resume(run: Run) -> Progress | None:
+    """Where training starts (lib/training/runs.choose_start): afresh, or at a save of this same run; None when
+    it already finished. The run folder gets the run's own log (kept across resumes), run.json and config.json."""
+    cfg, world = run.cfg, run.world
+    mode, ckpt = world.broadcast(choose_start(cfg, run.paths, run.identity) if world.is_main else None)
+    if mode in ("finished", "restored"):
+        if mode == "finished":
+            log(f"this run ({run.dir}) already finished with these settings; nothing to do "
+                f"(RESUME=no / --restart trains again, moving it aside)")
+        if world.is_main:
+            (run.dir / "train_done.json").touch()  # up to date for make, whose parameter file may be newer
+        return None
+    if world.is_main:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        append_log_to(stage_log(cfg, "train"))
+    state = restore(run, ckpt)
+    if world.is_main:
+        write_json_atomic(run.dir / "run.json", {"fingerprint": run.fingerprint, "identity": run.identity,
+                                                 "config": public(cfg)})
+        write_json_atomic(run.dir / "config.json", {**public(cfg), "overridden": cfg["_overridden"]})
+    return state
 
 
 def restore(run: Run, ckpt: dict | None) -> Progress:
@@ -75,7 +100,7 @@ def restore(run: Run, ckpt: dict | None) -> Progress:
     restore_rank_rng(run, ckpt)
     return Progress(epoch=ckpt["epoch"], position=ckpt["position"], step=ckpt["step"], best_val=ckpt["best_val_loss"],
                     history=list(ckpt["history"]), running_sum=ckpt["running_loss_sum"],
-                    running_count=ckpt["running_loss_count"], first_step=ckpt["step"])
+                    running_count=ckpt["running_loss_count"])
 
 
 def restore_rank_rng(run: Run, ckpt: dict) -> None:
@@ -97,23 +122,3 @@ def reseed_rank(seed: int, rank: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
-
-
-def model_checkpoint(run: Run, state: Progress, kind: str, epoch: int, **extra) -> dict:
-    """best_model.pt / final_model.pt: the weights and what they are (see lib/training/checkpoints.py)."""
-    return {"kind": kind, "model": run.model.state_dict(), "model_config": run.model_config.to_dict(),
-            "config": public(run.cfg), "tokenizer_sha256": run.data.tokenizer["model_sha256"], "fingerprint": run.fingerprint,
-            "epoch": epoch, "step": state.step, "best_val_loss": state.best_val, **extra}
-
-
-def training_checkpoint(run: Run, state: Progress, kind: str, epoch: int, position: int, rng_by_rank: list) -> dict:
-    """last.pt / epoch_NNN.pt: a model checkpoint plus all that an exact resume needs.
-
-    rng_by_rank: every training process's random state (lib/checkpoints.rng_state), rank 0's first.
-    """
-    return model_checkpoint(
-        run, state, kind, epoch, position=position, history=state.history, optimizer=run.optimizer.state_dict(),
-        scheduler={"kind": "warmup-" + run.cfg["lr_schedule"], "decay_fraction": run.cfg["decay_fraction"], "step": state.step, "total_steps": run.total_steps,
-                   "warmup_steps": run.cfg["warmup_steps"], "min_lr_ratio": run.cfg["min_lr_ratio"]},
-        running_loss_sum=state.running_sum, running_loss_count=state.running_count, rng=rng_by_rank[0],
-        rng_by_rank=rng_by_rank, world_size=len(rng_by_rank))

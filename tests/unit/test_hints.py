@@ -1,0 +1,31 @@
+"""The out-of-memory fix names a command whose LR goes with its batch (docs/troubleshooting.md#out-of-memory)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO
+from lib.runtime.config import load_yaml
+from lib.training.hardware import lr_for_batch, smaller_batch_hint
+
+CONFIG = REPO / "config" / "defaults.yaml"
+DEFAULTS = load_yaml(CONFIG)["train"]
+
+
+def run_config(**overrides) -> dict:
+    return {**DEFAULTS, **overrides, "_config": str(CONFIG), "_overridden": sorted(overrides)}
+
+
+def test_a_bare_bigger_batch_gets_the_lr_of_the_defaults_pair():
+    # BATCH_SIZE=128 alone kept the default LR: the smaller batch's LR comes from the defaults' batch and LR
+    cfg = run_config(batch_size=128)
+    half = DEFAULTS["batch_size"] // 2
+    assert lr_for_batch(cfg, half) == pytest.approx(DEFAULTS["learning_rate"] * 0.5 ** 0.585)
+    assert lr_for_batch(cfg, DEFAULTS["batch_size"]) == pytest.approx(DEFAULTS["learning_rate"])
+
+
+def test_an_lr_the_user_set_is_scaled_from_their_own_batch():
+    cfg = run_config(batch_size=128, learning_rate=0.0045)
+    assert lr_for_batch(cfg, 64) == pytest.approx(0.0045 * 0.5 ** 0.585)  # two thirds per halving
+    hint = smaller_batch_hint(cfg)
+    assert hint.startswith("type: make train BATCH_SIZE=64 LR=0.003 ")
