@@ -306,6 +306,17 @@ def pins(*packages: str) -> str:
     return " ".join(f"{name}=={pinned[name]}" for name in packages)
 
 
+def not_in_params() -> str:
+    """The settings left out of every stage's parameter file (NOT_RESULT_KEYS in stages/lib/runtime/config.py), as
+    typed: the Make variable where there is one, else the config key."""
+    stages_on_path()
+    from lib.runtime.config import NOT_RESULT_KEYS
+    from lib.training.runs import make_variables
+
+    variables = make_variables()
+    return ", ".join(sorted(f"`{variables.get(key, key)}`" for key in NOT_RESULT_KEYS))
+
+
 def not_in_identity() -> str:
     """The settings a run's identity leaves out (NOT_IN_FINGERPRINT in stages/lib/training/runs.py), as typed:
     the Make variable where there is one, else the config key."""

@@ -200,3 +200,64 @@ def test_the_learners_path_is_at_most_6000_words():
 def test_the_word_count_skips_comments_and_cog_code():
     page = "One two.\n<!-- [[[cog\nprint('three four five')\n]]] -->\nthree four five\n<!-- [[[end]]] -->\n<!-- a note -->"
     assert rendered_words(page) == 5
+
+
+# ----------------------------------------------------------------------------- cog blocks split no sentence
+
+LIST_LINE = re.compile(r"^(?:\s*(?:[-*+]|\d+\.)\s|\s{2,}\S)")  # a list item, or a list item's indented continuation
+
+
+def is_boundary(line: str, generated_edge: str) -> bool:
+    """Can a cog marker sit next to this line without cutting its paragraph? A marker is an HTML block, which
+    ends the paragraph it interrupts: so only a blank line, a heading, a fence or another marker may touch it,
+    or a list line when the generated text on that side is a list line too (the block adds whole items)."""
+    stripped = line.strip()
+    if not stripped or stripped.startswith(("#", "```", "<!--")) or stripped.endswith("-->"):
+        return True
+    return bool(LIST_LINE.match(line)) and bool(LIST_LINE.match(generated_edge))
+
+
+def split_sentences(markdown: str, where: str) -> list[str]:
+    """Every cog block that does not generate whole paragraphs, list items or tables, as 'where:line: why'."""
+    lines, found = markdown.split("\n"), []
+    starts = [i for i, line in enumerate(lines) if "[[[cog" in line]
+    for start in starts:
+        code_end = next(i for i in range(start, len(lines)) if "]]] -->" in lines[i])
+        end = next(i for i in range(code_end, len(lines)) if "[[[end]]]" in lines[i])
+        generated = lines[code_end + 1:end] or [""]
+        before, after = (lines[start - 1] if start else ""), (lines[end + 1] if end + 1 < len(lines) else "")
+        if not lines[start].startswith("<!-- [[[cog") or lines[end].strip() != "<!-- [[[end]]] -->":
+            found.append(f"{where}:{start + 1}: text on a marker's line")
+        if not is_boundary(before, generated[0]):
+            found.append(f"{where}:{start + 1}: the block starts inside a paragraph: {before.strip()!r}")
+        if not is_boundary(after, generated[-1]):
+            found.append(f"{where}:{end + 1}: the block ends inside a paragraph: {after.strip()!r}")
+    return found
+
+
+@pytest.mark.parametrize("planted", [
+    "The vocabulary holds\n<!-- [[[cog print('8000 pieces') ]]] -->\n8000 pieces\n<!-- [[[end]]] -->\n",
+    "\n<!-- [[[cog print('Every 5 epochs') ]]] -->\nEvery 5 epochs\n<!-- [[[end]]] -->\nit prints samples.\n",
+    "- an item\n<!-- [[[cog print('more of the item') ]]] -->\nmore of the item\n<!-- [[[end]]] -->\n",
+    "\n<!-- [[[cog print('A sentence.') ]]] -->\nA sentence.\n<!-- [[[end]]] --> And its tail.\n",
+])
+def test_a_cog_block_inside_a_sentence_is_caught(planted):
+    assert split_sentences(planted, "planted"), f"not caught: {planted!r}"
+
+
+@pytest.mark.parametrize("fine", [
+    "A paragraph.\n\n<!-- [[[cog print('Another.') ]]] -->\nAnother.\n<!-- [[[end]]] -->\n\nA third.\n",
+    "## Heading\n<!-- [[[cog\nprint('- an item')\n]]] -->\n- an item\n<!-- [[[end]]] -->\n- the next item\n",
+    "- an item\n  continued\n<!-- [[[cog print('- another') ]]] -->\n- another\n<!-- [[[end]]] -->\n",
+])
+def test_a_cog_block_of_whole_blocks_passes(fine):
+    assert not split_sentences(fine, "example"), split_sentences(fine, "example")
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))])
+def test_cog_blocks_generate_whole_paragraphs(page):
+    """A cog block's markers are HTML blocks, and an HTML block ends the paragraph it interrupts: a block
+    in the middle of a sentence splits it in two on the rendered page ("Every 5 epochs" / "and at the end")."""
+    split = split_sentences((REPO / page).read_text(encoding="utf-8"), page)
+    assert not split, "move the rest of the sentence into the block's output, or end the paragraph first:\n" + \
+        "\n".join(split)
