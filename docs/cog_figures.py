@@ -325,3 +325,24 @@ def not_in_identity() -> str:
 
     variables = make_variables()
     return ", ".join(f"`{variables.get(key, key)}`" for key in sorted(NOT_IN_FINGERPRINT, key=lambda k: variables.get(k, k)))
+
+
+def same_run_rerun() -> str:
+    """The settings a run's identity leaves out but train's parameter file keeps: changing one reruns train.py,
+    which finds the same run (NOT_IN_FINGERPRINT minus NOT_RESULT_KEYS), as typed. RESUME is left out: it is
+    the setting that says what to do with that run."""
+    stages_on_path()
+    from lib.runtime.config import NOT_RESULT_KEYS
+    from lib.training.runs import NOT_IN_FINGERPRINT, make_variables
+
+    variables = make_variables()
+    return ", ".join(f"`{variables.get(key, key)}`" for key in
+                     sorted(NOT_IN_FINGERPRINT - set(NOT_RESULT_KEYS) - {"resume"}, key=lambda k: variables.get(k, k)))
+
+
+def block_time_share() -> float:
+    """One block's share of a default training step's time, from bench.py --profile: everything but the output
+    layer, split evenly over the blocks (an upper bound: embedding lookups and the last norm are in it too)."""
+    prof = data("profile")
+    output = sum(r["total"] for r in prof["rows"] if r["op"].endswith("(output layer)"))
+    return (prof["profiled_step_ms"] - output) / params("train")["n_layers"] / prof["profiled_step_ms"]
