@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from lib.data.local_corpus import CORPUS_SUFFIXES
+from lib.data.local_corpus import folder_corpus_files
 from lib.runtime.config import REPO_ROOT, resolve_config, stage_parser, stage_paths
 from lib.runtime.errors import EXIT_FAILURE, TROUBLESHOOTING, PipelineError
 from lib.runtime.files import sha256_file, write_json_atomic, write_text_atomic
@@ -138,13 +138,12 @@ RECORD, STAMP = "outputs.json", "outputs-checked.txt"
 
 
 def corpus_files(corpus_path: str) -> list[Path]:
-    """The files download.py reads (read_local): a folder's files of CORPUS_SUFFIXES in any case; `is_file` follows
-    links, so a broken link is skipped. tests/test_make_faults.py holds the two to the same choice."""
+    """The files download.py reads (read_local chooses a folder's files with the same folder_corpus_files)."""
     if not corpus_path:
         return []
     path = Path(corpus_path).expanduser()
     if path.is_dir():
-        return sorted(f for f in path.iterdir() if f.suffix.lower() in CORPUS_SUFFIXES and f.is_file())
+        return folder_corpus_files(path)
     return [path] if path.is_file() else []  # a missing file is download's to report
 
 

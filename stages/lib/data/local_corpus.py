@@ -9,7 +9,13 @@ from lib.runtime.errors import PipelineError
 from lib.runtime.files import human_bytes
 
 HTML_SUFFIXES = (".html", ".htm")
-CORPUS_SUFFIXES = (".txt", *HTML_SUFFIXES)  # what a CORPUS_PATH folder may hold (check.py lists them for make)
+CORPUS_SUFFIXES = (".txt", *HTML_SUFFIXES)  # what a CORPUS_PATH folder may hold
+
+
+def folder_corpus_files(folder: Path) -> list[Path]:
+    """The files of a CORPUS_PATH folder that are read, in order: CORPUS_SUFFIXES in any case; `is_file` follows
+    links, so a broken link is skipped (check.py lists the same files for make)."""
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in CORPUS_SUFFIXES and f.is_file())
 
 
 def read_local(path_arg: str, limit_bytes: int) -> bytes:
@@ -17,7 +23,7 @@ def read_local(path_arg: str, limit_bytes: int) -> bytes:
     HTML is turned into text, with each h1-h3 section a document of its own), of at most limit_bytes."""
     path = Path(path_arg).expanduser()
     if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in CORPUS_SUFFIXES and f.is_file())
+        files = folder_corpus_files(path)
         if not files:
             raise PipelineError(f"folder {path} holds no .txt or .html files",
                                 "point CORPUS_PATH at a .txt file or a folder of .txt / .html files",
