@@ -206,12 +206,18 @@ def experiment_table(name: str, bold=None) -> None:
             return f"{value:.3f}"
         return value
 
+    blank = False
     for row in exp["rows"]:
         cells = [era(cell(c, row.get(c, ""))) for c in exp["columns"]]
+        blank = blank or any(c in ("", None) for c in cells)
+        cells = ["—" if c in ("", None) else c for c in cells]
         if bold and bold(row):
-            cells = [f"**{c}**" if c != "" else c for c in cells]
+            cells = [f"**{c}**" if c != "—" else c for c in cells]
         rows.append(cells)
     table(exp["columns"], rows)
+    if blank:
+        print()
+        print("— : not measured, or does not apply.")
 
 
 def provenance(name: str) -> str:

@@ -70,6 +70,19 @@ def test_yaml_values_take_their_flags_types_and_flags_win(config):
     assert cfg["_overridden"] == ["compile", "learning_rate", "prompts"]
 
 
+def test_a_flag_without_a_yaml_key_is_marked_only_when_set(config):
+    """An internal flag (export's --prove) has an argparse default and no YAML key: a plain run's config
+    line must not mark it as overridden (a cold reader took the * for something they had done)."""
+    def with_internal():
+        p = parser()
+        p.add_argument("--prove", type=str, default="")
+        return p
+    plain = resolve_config(with_internal(), "train", ["--config", str(config)])
+    assert plain["prove"] == "" and plain["_overridden"] == []
+    given = resolve_config(with_internal(), "train", ["--config", str(config), "--prove", "/tmp/x"])
+    assert given["_overridden"] == ["prove"]
+
+
 def test_every_problem_is_reported_at_once(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(YAML.replace("epochs: 3.0", "epochs: 2.5").replace("compile: false", "compile: maybe")

@@ -149,7 +149,7 @@ def resolve_config(parser: argparse.ArgumentParser, stage: str, argv=None, valid
         if given is not None:
             if dest in cfg and cfg[dest] != given:
                 overridden.append(dest)
-            elif dest not in cfg:
+            elif dest not in cfg and given != action.default:  # a flag with no YAML key: set, not just present
                 overridden.append(dest)
             cfg[dest] = given
         elif dest not in cfg:
