@@ -29,3 +29,17 @@ def test_an_lr_the_user_set_is_scaled_from_their_own_batch():
     assert lr_for_batch(cfg, 64) == pytest.approx(0.0045 * 0.5 ** 0.585)  # two thirds per halving
     hint = smaller_batch_hint(cfg)
     assert hint.startswith("type: make train BATCH_SIZE=64 LR=0.003 ")
+
+
+def test_a_nan_loss_names_the_command_with_half_the_runs_lr():
+    from types import SimpleNamespace
+    from lib.runtime.errors import PipelineError
+    from lib.training.guards import stop_if_diverged
+    state = SimpleNamespace(step=299)
+    stop_if_diverged(4.2, 0.004, state, 3, 10, 82, 0.004)  # a number: nothing happens
+    with pytest.raises(PipelineError) as stop:
+        stop_if_diverged(float("nan"), 0.0039, state, 3, 10, 82, 0.004)
+    text = str(stop.value)
+    assert "loss became nan at epoch 4, step 11 of 82 (step 300 of the run" in text
+    assert "fix: type: make train LR=0.002 (half the run's LR 0.004" in text
+    assert "see: docs/troubleshooting.md#diverging-or-nan-loss" in text

@@ -164,9 +164,11 @@ def lost_peer_explained(run, state):
                             "scaling-out") from None
 
 
-def stop_if_diverged(loss: float, lr: float, state, epoch: int, batch: int, batches: int) -> None:
+def stop_if_diverged(loss: float, lr: float, state, epoch: int, batch: int, batches: int, peak_lr: float) -> None:
+    """peak_lr: the run's LR (the schedule's peak); the fix names half of it, a new run."""
     if not math.isfinite(loss):
         raise PipelineError(f"loss became {loss} at epoch {epoch + 1}, step {batch + 1} of {batches} "
                             f"(step {state.step + 1} of the run, lr {lr:.2e})",
-                            "go back to the default LR (learning_rate in config/defaults.yaml) or half the LR "
-                            "that diverged, keep GRAD_CLIP=1.0, then RESUME=no", "diverging-or-nan-loss")
+                            f"type: make train LR={peak_lr / 2:.2g} (half the run's LR {peak_lr:g}; a new run, the "
+                            f"diverged one is archived), with the other variables you gave; keep GRAD_CLIP on",
+                            "diverging-or-nan-loss")
