@@ -52,6 +52,20 @@ def config() -> dict:
     return yaml.safe_load((REPO / "config" / "defaults.yaml").read_text(encoding="utf-8"))
 
 
+def yaml_comments() -> dict:
+    """{(section, key): the comment beside the key in config/defaults.yaml, with its continuation lines}."""
+    found, section, last = {}, None, None
+    for line in (REPO / "config" / "defaults.yaml").read_text(encoding="utf-8").splitlines():
+        if re.match(r"^\w+:", line):
+            section, last = line.split(":")[0], None
+        elif m := re.match(r"^  (\w+):[^#]*(?:#\s*(.*))?$", line):
+            last = (section, m[1])
+            found[last] = (m[2] or "").strip()
+        elif last and (m := re.match(r"^\s{6,}#\s*(.*)$", line)):
+            found[last] = f"{found[last]} {m[1].strip()}".strip()
+    return found
+
+
 def default(key: str):
     """One default: default('max_seq_length'), or default('evaluate.temperature') for a key several stages share."""
     if "." in key:

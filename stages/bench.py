@@ -4,7 +4,7 @@
     python stages/bench.py [--steps 30] [--guard-epochs 3] [--skip-pipeline]
     python stages/bench.py --processes 2     # instead: one process against torchrun processes
     python stages/bench.py --compare "optimizer=muon max_seq_length=256 batch_size=32"   # instead: two settings
-    python stages/bench.py --profile         # instead: where a default step's time goes, op by op
+    python stages/bench.py --profile         # instead: where a step's time goes, by operator and call site
     python stages/bench.py --nanogpt         # instead: the default step against nanoGPT's, alternating
 
 In one run, on this machine:
@@ -24,11 +24,12 @@ the defaults with those train settings changed, side by side: --rounds rounds, e
 timing both in turn (in alternating order), so that a slower machine shows in both;
 it prints every round and the median ratio (artifacts/bench/compare.json).
 
---profile runs instead a few default training steps under torch.profiler and
-writes, per PyTorch operator, its milliseconds per step in the forward pass (the
-chunked output layer computes its gradients there), the backward pass and the
-optimizer (clipping included), with the unprofiled step time beside them
-(artifacts/bench/profile.json; the speed page's table).
+--profile runs instead a few default training steps, in bf16 (where the CPU has it) and in
+fp32, with every PyTorch operator call timed and named by the line of this repository that
+issued it (lib/training/step_profile.py; in the backward pass, the forward line that built
+the autograd node), by phase: forward (the chunked output layer computes its gradients
+there), backward, optimizer (clipping included); with the unprofiled step time beside them
+(artifacts/bench/profile.json; the speed page's tables).
 
 --nanogpt times instead the default step against nanoGPT's step on a CPU, rebuilt
 from this repository's model in the configuration nanoGPT's train.py runs there:
@@ -50,6 +51,7 @@ import contextlib
 import functools
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -262,74 +264,77 @@ def compare_settings(args) -> None:
                                                          "dtype": str(dtype), "threads": torch.get_num_threads()})
 
 
-PHASES = ("forward", "backward", "optimizer")
+# What kind of work an operator does: the matrix products run near the matmul peak; the
+# rest is what bf16 must not make dearer than fp32 (the speed page's second table).
+MATRIX_PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "baddbmm_"}
+ATTENTION_KERNELS = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"}
+SOFTMAX = {"_softmax", "_softmax_backward_data", "_log_softmax"}
+RANDOM = {"randint", "random_", "bernoulli_", "rand", "uniform_"}
 
 
-def model_part(op: str, shapes: list, vocab: int, seq: int) -> str:
-    """Which part of the model an operator call serves, told by its operands' shapes.
-
-    Only attention multiplies batches of matrices (bmm), and only its scores are
-    seq x seq; only the output layer (and the embedding it shares) has a vocab-sized side.
-    """
-    dims = [shape for shape in shapes if isinstance(shape, list)]
-    if any(vocab in shape for shape in dims):
-        return "output layer"
-    if "bmm" in op or any(len(shape) >= 2 and shape[-2:] == [seq, seq] for shape in dims):
-        return "attention"
-    return ""
+def op_kind(op: str) -> str:
+    if op in MATRIX_PRODUCTS:
+        return "matrix products"
+    if op in ATTENTION_KERNELS:
+        return "fused attention"
+    if op in SOFTMAX:
+        return "softmax"
+    if op in RANDOM:
+        return "random numbers"
+    return "elementwise and the rest"
 
 
-def profile_step(args) -> None:
-    """--profile: milliseconds per step of each PyTorch operator, by phase, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+def profile_dtype(args, paths, cfg: dict, vocab: int, tokens, dtype: torch.dtype) -> dict:
+    """One dtype's step: its unprofiled time and the StepProfile rows of args.steps more steps."""
+    from lib.training.step_profile import StepProfile
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    keep_freed_memory()
-    paths, cfg, vocab, tokens = load_inputs(args)
-    dtype = resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"})
     model, optimizer, autocast = training_model(cfg, vocab, tokens, dtype)
-    loss_fn = model.loss
     batches = fixed_batches(tokens, cfg, 3 + 2 * args.steps)
     warm, timed, profiled = batches[:3], batches[3:3 + args.steps], batches[3 + args.steps:]
     for x, y in warm:
-        train_step(model, optimizer, x, y, autocast, loss_fn, cfg["grad_clip"])
+        train_step(model, optimizer, x, y, autocast, model.loss, cfg["grad_clip"])
     start = time.perf_counter()
     for x, y in timed:
-        train_step(model, optimizer, x, y, autocast, loss_fn, cfg["grad_clip"])[0].item()
+        train_step(model, optimizer, x, y, autocast, model.loss, cfg["grad_clip"])[0].item()
     step_ms = (time.perf_counter() - start) / len(timed) * 1000
-
-    # train_step's three parts, each under a label the profiler records
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with StepProfile(REPO_ROOT) as prof:
         for x, y in profiled:
-            train_step(model, optimizer, x, y, autocast, loss_fn, cfg["grad_clip"], phase=record_function)[0].item()
-    per_op: dict[str, dict[str, float]] = {}
-    for event in prof.events():
-        root = event
-        while root.cpu_parent is not None:
-            root = root.cpu_parent
-        if root.name not in PHASES:
-            continue
-        # a label's own time is what no operator inside it accounts for: Python, the autograd engine
-        part = model_part(event.name, event.input_shapes or [], vocab, cfg["max_seq_length"])
-        name = "(Python, autograd engine)" if event.name in PHASES else event.name + (f" ({part})" if part else "")
-        row = per_op.setdefault(name, dict.fromkeys(PHASES, 0.0))
-        row[root.name] += event.self_cpu_time_total / 1000 / len(profiled)
-    rows = sorted(({"op": name, **ms, "total": sum(ms.values())} for name, ms in per_op.items()),
-                  key=lambda r: -r["total"])
-    profiled_ms = sum(r["total"] for r in rows)
-    print(f"training step, batch {cfg['batch_size']} x {cfg['max_seq_length']}, {str(dtype).replace('torch.', '')}, "
-          f"{torch.get_num_threads()} threads: {step_ms:.0f} ms unprofiled, {profiled_ms:.0f} ms profiled "
-          f"({len(profiled)} steps)")
-    print(f"  {'operator':<44} {'forward':>8} {'backward':>8} {'optimizer':>9} {'share':>6}")
-    for r in rows[:args.profile_rows]:
-        print(f"  {r['op']:<44} {r['forward']:8.1f} {r['backward']:8.1f} {r['optimizer']:9.1f} "
-              f"{100 * r['total'] / profiled_ms:5.1f}%")
-    totals = {phase: sum(r[phase] for r in rows) for phase in PHASES}
-    print(f"  {'all (ms per step)':<44} " + " ".join(f"{totals[p]:8.1f}" for p in PHASES))
-    write_json_atomic(paths["bench"] / "profile.json", {
-        "batch_size": cfg["batch_size"], "max_seq_length": cfg["max_seq_length"], "dtype": str(dtype),
-        "threads": torch.get_num_threads(), "steps": len(profiled), "step_ms": step_ms, "profiled_step_ms": profiled_ms,
-        "phase_ms": totals, "flops_per_token": flops_per_token(model.cfg), "rows": rows})
+            train_step(model, optimizer, x, y, autocast, model.loss, cfg["grad_clip"], phase=prof.phase)[0].item()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(profiled)
+    rows = [{**row, "kind": op_kind(row["op"])} for row in prof.rows()]
+    kinds = {}
+    for row in rows:
+        kinds[row["kind"]] = kinds.get(row["kind"], 0.0) + row["total"]
+    return {"dtype": str(dtype).replace("torch.", ""), "step_ms": step_ms, "profiled_step_ms": sum(r["total"] for r in rows),
+            "page_faults_per_step": faults, "kinds_ms": kinds, "rows": rows}
+
+
+def profile_step(args) -> None:
+    """--profile: milliseconds per step of each operator call, by the line that issued it, bf16 and fp32."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    keep_freed_memory()
+    paths, cfg, vocab, tokens = load_inputs(args)
+    default_dtype = resolve_dtype({"dtype": cfg["dtype"], "device": "cpu"})
+    dtypes = [default_dtype] + ([torch.float32] if default_dtype != torch.float32 else [])
+    result = {"batch_size": cfg["batch_size"], "max_seq_length": cfg["max_seq_length"],
+              "threads": torch.get_num_threads(), "steps": args.steps, "flops_per_token": None, "paths": {}}
+    for dtype in dtypes:
+        found = profile_dtype(args, paths, cfg, vocab, tokens, dtype)
+        result["paths"][found["dtype"]] = found
+        print(f"training step, batch {cfg['batch_size']} x {cfg['max_seq_length']}, {found['dtype']}, "
+              f"{torch.get_num_threads()} threads: {found['step_ms']:.0f} ms unprofiled, operators "
+              f"{found['profiled_step_ms']:.0f} ms ({args.steps} steps; {found['page_faults_per_step']:.0f} page "
+              f"faults per profiled step)")
+        print(f"  {'ms/step':>7} {'fwd':>6} {'bwd':>6} {'optim':>6} {'calls':>5}  {'operator':<24} call site")
+        for r in found["rows"][:args.profile_rows]:
+            print(f"  {r['total']:7.2f} {r['forward']:6.2f} {r['backward']:6.2f} {r['optimizer']:6.2f} "
+                  f"{r['calls']:5.0f}  {r['op']:<24} {r['site']}")
+        print("  by kind: " + ", ".join(f"{kind} {ms:.1f} ms" for kind, ms in
+                                        sorted(found["kinds_ms"].items(), key=lambda kv: -kv[1])), flush=True)
+    model, _, _ = training_model(cfg, vocab, tokens, default_dtype)
+    result["flops_per_token"] = flops_per_token(model.cfg)
+    write_json_atomic(paths["bench"] / "profile.json", result)
 
 
 def nanogpt_config(cfg: dict) -> dict:
@@ -486,8 +491,9 @@ def main():
     parser.add_argument("--compare", type=str, default="",
                         help="instead: the default step against one with these train settings, e.g. 'optimizer=muon'")
     parser.add_argument("--rounds", type=int, default=5, help="--compare, --nanogpt: alternating rounds")
-    parser.add_argument("--profile", action="store_true", help="instead: torch.profiler's table of a default step")
-    parser.add_argument("--profile-rows", type=int, default=15, help="--profile: operators printed")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: each operator's time per step and the line that called it, bf16 and fp32")
+    parser.add_argument("--profile-rows", type=int, default=25, help="--profile: rows printed per dtype")
     parser.add_argument("--nanogpt", action="store_true", help="instead: the default step against nanoGPT's, alternating")
     args = parser.parse_args()
     if args.compare:

@@ -24,11 +24,29 @@ def test_a_bare_bigger_batch_gets_the_lr_of_the_defaults_pair():
     assert lr_for_batch(cfg, DEFAULTS["batch_size"]) == pytest.approx(DEFAULTS["learning_rate"])
 
 
-def test_an_lr_the_user_set_is_scaled_from_their_own_batch():
-    cfg = run_config(batch_size=128, learning_rate=0.0045)
+@pytest.fixture
+def under_make(monkeypatch):
+    """make train BATCH_SIZE=128 LR=0.0045 MAX_MEMORY_GB=0.5 CORPUS_PATH=my corpus.txt, as make passes it on."""
+    monkeypatch.delenv("TRAIN_LAUNCH_SETTINGS", raising=False)
+    monkeypatch.setenv("MAKELEVEL", "1")
+    monkeypatch.setenv("MAKEFLAGS", r"s -- CORPUS_PATH=my\ corpus.txt MAX_MEMORY_GB=0.5 LR=0.0045 BATCH_SIZE=128")
+    return monkeypatch
+
+
+def test_an_lr_the_user_set_is_scaled_from_their_own_batch(under_make):
+    cfg = run_config(batch_size=128, learning_rate=0.0045, max_memory_gb=0.5)
     assert lr_for_batch(cfg, 64) == pytest.approx(0.0045 * 0.5 ** 0.585)  # two thirds per halving
+    # the whole command to type: the new batch and LR replace the typed ones, every other variable stays
     hint = smaller_batch_hint(cfg)
-    assert hint.startswith("type: make train BATCH_SIZE=64 LR=0.003 ")
+    assert hint.startswith("type: make train BATCH_SIZE=64 LR=0.003 MAX_MEMORY_GB=0.5 CORPUS_PATH='my corpus.txt' ("), hint
+    assert smaller_batch_hint(cfg, 16).startswith("type: make train BATCH_SIZE=16 LR=0.0013 MAX_MEMORY_GB=0.5 ")
+
+
+def test_outside_make_the_hint_is_train_py_with_its_flags(monkeypatch):
+    for name in ("MAKELEVEL", "MAKEFLAGS", "TRAIN_LAUNCH_SETTINGS"):
+        monkeypatch.delenv(name, raising=False)
+    hint = smaller_batch_hint(run_config(batch_size=128))
+    assert hint.startswith("type: python stages/train.py --batch-size 64 --learning-rate 0.003 ("), hint
 
 
 def test_a_nan_loss_names_the_command_with_half_the_runs_lr():

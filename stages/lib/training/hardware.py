@@ -106,10 +106,13 @@ def lr_for_batch(cfg: dict, batch: int) -> float:
 
 
 def smaller_batch_hint(cfg: dict, batch: int = 0) -> str:
-    """The command to type for a smaller batch (half the run's unless given), with the LR that goes with it."""
+    """The command to type for a smaller batch (half the run's unless given), with the LR that goes with it
+    and every other setting the run was given (CORPUS_PATH=..., MAX_MEMORY_GB=...)."""
+    from lib.training.commands import resume_command
+
     batch = batch or max(1, cfg["batch_size"] // 2)
-    lr = lr_for_batch(cfg, batch)
-    return f"type: make train BATCH_SIZE={batch} LR={lr:.2g} (the LR follows the batch, two thirds per halving)"
+    lr = float(f"{lr_for_batch(cfg, batch):.2g}")
+    return f"type: {resume_command(cfg, batch_size=batch, learning_rate=lr)} (the LR follows the batch, two thirds per halving)"
 
 
 def fitting_hint(cfg: dict, n_params: int, vocab: int, limit: int) -> str:

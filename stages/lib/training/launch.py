@@ -24,6 +24,7 @@ import torch
 from lib.runtime.config import LAUNCH_KEYS
 from lib.runtime.errors import PipelineError
 from lib.runtime.stage import log
+from lib.training.commands import LAUNCH_SETTINGS_ENV
 from lib.training.guards import STOP_SIGNALS
 
 
@@ -97,8 +98,8 @@ def without_launch_flags(argv: list[str]) -> list[str]:
 # quietly (a rank's non-zero exit makes it print a traceback) and the launcher exits with the code.
 STOP_FILE_ENV = "TRAIN_STOP_CODE_FILE"
 # The launch settings the ranks do not see as flags (torchrun must not take them for its own), for the
-# resume command they print: JSON {key: value} of those that differ from the defaults.
-LAUNCH_SETTINGS_ENV = "TRAIN_LAUNCH_SETTINGS"
+# resume command they print: JSON {key: value} of those that differ from the defaults, in
+# LAUNCH_SETTINGS_ENV (lib/training/commands.py).
 
 
 def launch_ranks(cfg: dict) -> None:

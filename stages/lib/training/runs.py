@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import shlex
 import shutil
 import sys
 import time
@@ -20,8 +17,8 @@ from pathlib import Path
 
 from lib.training.checkpoints import load_checkpoint
 from lib.runtime.code_files import code_files
-from lib.runtime.config import DEFAULT_CONFIG, LAUNCH_KEYS, REPO_ROOT, public
-from lib.training.launch import LAUNCH_SETTINGS_ENV
+from lib.runtime.config import LAUNCH_KEYS, REPO_ROOT, public
+from lib.training.commands import make_variables, resume_command  # noqa: F401 (train.py and tests import them here)
 from lib.runtime.errors import PipelineError
 from lib.runtime.stage import log
 from lib.runtime.files import FolderLock, lock_folder
@@ -192,58 +189,3 @@ def bring_back(paths, found: Path) -> None:
     shutil.move(str(found), str(run_dir))
 
 
-def make_variables() -> dict[str, str]:
-    """{config key: Make variable} as the Makefile passes them on (`$(call flag,--learning-rate,LR)`)."""
-    text = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
-    pairs = {flag.replace("-", "_"): var for flag, var in re.findall(r"\$\(call flag,--([a-z0-9-]+),([A-Z_0-9]+)\)", text)}
-    return {**pairs, "compile": "COMPILE", "data_dir": "DATA_DIR", "artifacts_dir": "ARTIFACTS_DIR"}
-
-
-def make_command_line_variables() -> dict[str, str]:
-    """NAME=value pairs given on make's command line, from MAKEFLAGS (` -- LR=0.001 PROMPT=a\\ b`); no RESUME."""
-    flags = os.environ.get("MAKEFLAGS", "")
-    if " -- " not in f" {flags} ":
-        return {}
-    tail = f" {flags} ".split(" -- ", 1)[1]
-    pairs = {}
-    for word in re.split(r"(?<!\\) ", tail.strip()):
-        name, sep, value = word.partition("=")
-        if sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and name != "RESUME":
-            pairs[name] = value.replace("\\ ", " ")
-    return dict(reversed(list(pairs.items())))  # make lists them last first
-
-
-def resume_command(cfg: dict) -> str:
-    """The command that continues this run: the same settings, so it is not taken for a new run.
-
-    Every setting that differs from the defaults is repeated, as Make variables under make
-    (`make train EPOCHS=3 LR=0.001 NPROC=2`), as flags otherwise; RESUME / --restart are left out.
-    """
-    launch = json.loads(os.environ.get(LAUNCH_SETTINGS_ENV) or "{}")  # a rank of launch_ranks: NPROC and co.
-    cfg = {**cfg, **launch}
-    changed = [key for key in cfg.get("_overridden", []) if key != "resume"]
-    changed += [key for key in launch if key not in changed]
-    config = cfg.get("_config")
-    default_config = config is None or Path(config).resolve() == DEFAULT_CONFIG.resolve()
-
-    def shown(value) -> str:
-        if isinstance(value, bool):
-            return "yes" if value else "no"
-        return shlex.quote(str(value))
-
-    variables = make_variables()
-    if os.environ.get("MAKELEVEL") and all(key in variables for key in changed):
-        # make's command line first: it also holds what the stages before training were given (CORPUS_PATH=...)
-        given = make_command_line_variables()
-        words = ["make", "train"] + [f"{name}={shlex.quote(value)}" for name, value in given.items()]
-        if not default_config and "CONFIG" not in given:
-            words.append(f"CONFIG={shlex.quote(str(config))}")
-        return " ".join(words + [f"{variables[key]}={shown(cfg[key])}" for key in changed if variables[key] not in given])
-    words = ["python", "stages/train.py"] + ([] if default_config else ["--config", shlex.quote(str(config))])
-    for key in changed:
-        flag = "--" + key.replace("_", "-")
-        if isinstance(cfg[key], bool):
-            words.append(flag if cfg[key] else "--no-" + flag[2:])
-        else:
-            words += [flag, shown(cfg[key])]
-    return " ".join(words)
