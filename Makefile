@@ -90,8 +90,8 @@ CODE_tokenizer := stages/train_tokenizer.py $(BASE_CODE)
 CODE_encode    := stages/encode.py $(BASE_CODE)
 CODE_train     := stages/train.py $(BASE_CODE) $(MODEL_CODE) $(DATA_CODE) $(addprefix model/,fast_cpu.py) \
                   $(addprefix $(LIB)/runtime/,code_files.py) $(addprefix $(LIB)/training/,__init__.py checkpoints.py \
-                  distributed.py guards.py hardware.py launch.py optim.py regularisation.py runs.py samples.py \
-                  state.py)
+                  commands.py distributed.py guards.py hardware.py launch.py optim.py regularisation.py runs.py \
+                  samples.py state.py)
 # evaluate.py also runs generate.py, to time inference in a fresh process
 CODE_evaluate  := stages/evaluate.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) $(DATA_CODE) $(addprefix \
                   $(LIB)/runtime/,processes.py) $(addprefix $(LIB)/training/,__init__.py checkpoints.py \

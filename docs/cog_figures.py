@@ -334,7 +334,7 @@ def not_in_params() -> str:
     from lib.training.runs import make_variables
 
     variables = make_variables()
-    return ", ".join(sorted(f"`{variables.get(key, key)}`" for key in NOT_RESULT_KEYS))
+    return ", ".join(sorted(f"`{variables[key]}`" if key in variables else f"`{key}` (a flag only)" for key in NOT_RESULT_KEYS))
 
 
 def not_in_identity() -> str:
@@ -356,13 +356,14 @@ def same_run_rerun() -> str:
     from lib.training.runs import NOT_IN_FINGERPRINT, make_variables
 
     variables = make_variables()
-    return ", ".join(f"`{variables.get(key, key)}`" for key in
+    return ", ".join(f"`{variables[key]}`" if key in variables else f"`{key}` (a flag only)" for key in
                      sorted(NOT_IN_FINGERPRINT - set(NOT_RESULT_KEYS) - {"resume"}, key=lambda k: variables.get(k, k)))
 
 
 def block_time_share() -> float:
     """One block's share of a default training step's time, from bench.py --profile: everything but the output
-    layer, split evenly over the blocks (an upper bound: embedding lookups and the last norm are in it too)."""
-    prof = data("profile")
-    output = sum(r["total"] for r in prof["rows"] if r["op"].endswith("(output layer)"))
-    return (prof["profiled_step_ms"] - output) / params("train")["n_layers"] / prof["profiled_step_ms"]
+    layer, split evenly over the blocks (an upper bound: embedding lookups, the last norm and the embedding's
+    AdamW update are in it too)."""
+    bf = data("profile")["paths"]["bfloat16"]
+    output = sum(r["total"] for r in bf["rows"] if r["part"] == "output layer")
+    return (bf["profiled_step_ms"] - output) / params("train")["n_layers"] / bf["profiled_step_ms"]

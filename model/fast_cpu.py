@@ -142,10 +142,11 @@ class DropoutMask(torch.autograd.Function):
         n = x.numel()
         bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= -32768 + round(p * 65536)
-        # the scaled mask in x's dtype: a cast and an in-place multiply cost less than torch.where with two
-        # broadcast scalars (measured 2.4 ms against 3.2 ms forward + backward, 32 x 256 x 128 bf16, 2 threads)
+        # the scaled mask in x's dtype, cast from the comparison's bytes read as uint8: PyTorch's bool -> bf16
+        # cast is not vectorised (measured on 32 x 256 x 128, 2 threads: 0.87 ms bool, 0.09 ms uint8;
+        # torch.where with two broadcast scalars 1.17 ms)
         scale = torch.tensor(1.0 / (1.0 - p), dtype=x.dtype, device=x.device)
-        scaled_mask = keep.to(x.dtype).mul_(scale)
+        scaled_mask = keep.view(torch.uint8).to(x.dtype).mul_(scale)
         ctx.save_for_backward(scaled_mask)
         return x * scaled_mask
 

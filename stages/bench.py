@@ -284,6 +284,33 @@ def op_kind(op: str) -> str:
     return "elementwise and the rest"
 
 
+# Which part of the model a call site serves, by the function named in it.
+PARTS = [("output layer", ("ChunkedLinearCrossEntropy", "softmax_xent", "output_loss")),
+         ("attention", ("CausalAttention", "bf16_causal_attention", "attend")),
+         ("rotary positions", ("RotateQueriesKeys", "rotate_queries_keys", "swap_pairs", "apply_rotary")),
+         ("dropout", ("DropoutMask", "Dropout")),
+         ("MLP", ("MLP.", "SquaredReLU", "squared_relu")),
+         ("attention projections", ("CausalSelfAttention.",)),
+         ("norms and residual sums", ("Block.", "hidden_states", "embed")),
+         ("optimizer and clipping", ("optim.py",))]
+
+
+def site_part(site: str) -> str:
+    return next((part for part, names in PARTS if any(name in site for name in names)), "other")
+
+
+def torch_profiler_faults(model, optimizer, autocast, cfg: dict, batches: list) -> float:
+    """Page faults per step under torch.profiler (record_shapes, as its per-operator tables need): the reason
+    StepProfile exists. Unprofiled steps reuse freed memory; under torch.profiler they keep getting fresh pages."""
+    from torch.profiler import ProfilerActivity, profile
+
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True):
+        for x, y in batches:
+            train_step(model, optimizer, x, y, autocast, model.loss, cfg["grad_clip"])[0].item()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(batches)
+
+
 def profile_dtype(args, paths, cfg: dict, vocab: int, tokens, dtype: torch.dtype) -> dict:
     """One dtype's step: its unprofiled time and the StepProfile rows of args.steps more steps."""
     from lib.training.step_profile import StepProfile
@@ -302,12 +329,19 @@ def profile_dtype(args, paths, cfg: dict, vocab: int, tokens, dtype: torch.dtype
         for x, y in profiled:
             train_step(model, optimizer, x, y, autocast, model.loss, cfg["grad_clip"], phase=prof.phase)[0].item()
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(profiled)
-    rows = [{**row, "kind": op_kind(row["op"])} for row in prof.rows()]
+    unprofiled_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for x, y in timed[:5]:
+        train_step(model, optimizer, x, y, autocast, model.loss, cfg["grad_clip"])[0].item()
+    unprofiled_faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - unprofiled_faults) / len(timed[:5])
+    torch_faults = torch_profiler_faults(model, optimizer, autocast, cfg, profiled[:5])
+    rows = [{**row, "kind": op_kind(row["op"]), "part": site_part(row["site"])} for row in prof.rows()]
     kinds = {}
     for row in rows:
         kinds[row["kind"]] = kinds.get(row["kind"], 0.0) + row["total"]
     return {"dtype": str(dtype).replace("torch.", ""), "step_ms": step_ms, "profiled_step_ms": sum(r["total"] for r in rows),
-            "page_faults_per_step": faults, "kinds_ms": kinds, "rows": rows}
+            "page_faults_per_step": {"unprofiled": unprofiled_faults, "this profiler": faults,
+                                     "torch.profiler": torch_faults},
+            "kinds_ms": kinds, "rows": rows}
 
 
 def profile_step(args) -> None:
@@ -324,8 +358,8 @@ def profile_step(args) -> None:
         result["paths"][found["dtype"]] = found
         print(f"training step, batch {cfg['batch_size']} x {cfg['max_seq_length']}, {found['dtype']}, "
               f"{torch.get_num_threads()} threads: {found['step_ms']:.0f} ms unprofiled, operators "
-              f"{found['profiled_step_ms']:.0f} ms ({args.steps} steps; {found['page_faults_per_step']:.0f} page "
-              f"faults per profiled step)")
+              f"{found['profiled_step_ms']:.0f} ms ({args.steps} steps); page faults per step: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in found["page_faults_per_step"].items()))
         print(f"  {'ms/step':>7} {'fwd':>6} {'bwd':>6} {'optim':>6} {'calls':>5}  {'operator':<24} call site")
         for r in found["rows"][:args.profile_rows]:
             print(f"  {r['total']:7.2f} {r['forward']:6.2f} {r['backward']:6.2f} {r['optimizer']:6.2f} "

@@ -261,7 +261,10 @@ def test_memory_estimate_refuses_a_batch_that_cannot_fit_and_names_one_that_does
 def test_out_of_memory_during_a_step_saves_and_explains(encoded):
     result = encoded.run("train.py", *TINY_TRAIN, env={"FAULT_AT_STEP": "3:oom"}, check=False)
     assert result.returncode == 1
-    assert "Out of memory at BATCH_SIZE=16, SEQ_LEN=32" in result.stderr and "make train BATCH_SIZE=8 LR=" in result.stderr
+    assert "Out of memory at BATCH_SIZE=16, SEQ_LEN=32" in result.stderr
+    # run as a script, the command to type is the script's, with half the batch and every other flag it was given
+    assert re.search(r"type: python stages/train\.py --batch-size 8 --learning-rate [0-9.e-]+ .*--warmup-steps 5",
+                     result.stderr), result.stderr
     assert "Traceback" not in result.stderr
     assert torch.load(encoded.artifacts / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
 
