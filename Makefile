@@ -166,7 +166,7 @@ help: ## list targets and variables
 	@echo "  evaluate   CHECKPOINT=best_model.pt TEMPERATURE=0.8 TOP_K=50 TOP_P=1.0"
 	@echo "  export     CHECKPOINT=best_model.pt"
 	@echo "  generate   PROMPT='In the beginning' MAX_TOKENS=100 TEMPERATURE=0.8 TOP_K=50 GEN_SEED=1 RUNTIME=torch|onnx"
-	@echo "  sweep      SWEEP='learning_rate=0.0003,0.001 dropout=0.0,0.1' SWEEP_EPOCHS=20"
+	@echo "  sweep      SWEEP='$(SWEEP)' SWEEP_EPOCHS=$(SWEEP_EPOCHS)"
 	@echo "  test       TEST_WORKERS=2 (pytest processes; 0 = one)"
 
 # ---------------------------------------------------------------- environment
@@ -313,7 +313,7 @@ bench: $(OUT_encode) $(OUT_tokenizer) ## speed figures: eager fp32 vs the fast p
 	$(PY) stages/bench.py --profile $(BENCH_FLAGS)
 	$(PY) stages/bench.py --nanogpt $(BENCH_FLAGS)
 
-SWEEP        ?= learning_rate=0.0003,0.001 dropout=0.0,0.1
+SWEEP        ?= weight_decay=0.3,1.0 dropout=0.1,0.3
 SWEEP_EPOCHS ?= 20
 sweep: $(OUT_encode) $(OUT_tokenizer) ## train one run per SWEEP setting, table in artifacts/sweep/results.md
 	$(PY) stages/sweep.py --grid '$(SWEEP)' --epochs $(SWEEP_EPOCHS) --data-dir '$(DATA_DIR)' --artifacts-dir '$(ARTIFACTS_DIR)'

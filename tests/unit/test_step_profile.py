@@ -24,13 +24,18 @@ def BF16():  # train_step's autocast: the bf16 path, whose attention kernel has 
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def profiled_steps(steps: int = 2) -> tuple[StepProfile, list[float]]:
+def tiny_run():
+    """A one-block fast-path model with Muon, and a batch, from seed 0."""
     torch.manual_seed(0)
     model = TinyTransformer(ModelConfig(vocab_size=97, n_layers=1, d_model=32, n_heads=2, max_seq_length=16,
                                         dropout=0.1)).train()
     use_fast_cpu_path(model, chunk_tokens=24)
     optimizer = make_optimizer(model, TRAIN, torch.device("cpu"))
-    x, y = torch.randint(97, (3, 16)), torch.randint(97, (3, 16))
+    return model, optimizer, torch.randint(97, (3, 16)), torch.randint(97, (3, 16))
+
+
+def profiled_steps(steps: int = 2) -> tuple[StepProfile, list[float]]:
+    model, optimizer, x, y = tiny_run()
     losses = [train_step(model, optimizer, x, y, BF16, model.loss, 1.0)[0].item()]  # the optimizer's state is made
     with StepProfile(REPO) as prof:
         for _ in range(steps):
@@ -62,13 +67,8 @@ def test_counts_are_per_step_and_profiling_changes_nothing_it_measures():
     two, losses = profiled_steps(2)
     calls = lambda prof: {(r["site"], r["op"]): r["calls"] for r in prof.rows()}
     assert calls(one) == calls(two), "rows are per step: two steps count each call once"
-    torch.manual_seed(0)
-    # the same two steps unprofiled give the same losses: the timer only watches
-    model = TinyTransformer(ModelConfig(vocab_size=97, n_layers=1, d_model=32, n_heads=2, max_seq_length=16,
-                                        dropout=0.1)).train()
-    use_fast_cpu_path(model, chunk_tokens=24)
-    optimizer = make_optimizer(model, TRAIN, torch.device("cpu"))
-    x, y = torch.randint(97, (3, 16)), torch.randint(97, (3, 16))
+    # the same steps unprofiled give the same losses: the timer only watches
+    model, optimizer, x, y = tiny_run()
     plain = [train_step(model, optimizer, x, y, BF16, model.loss, 1.0)[0].item() for _ in range(3)]
     assert plain == losses
 
