@@ -29,13 +29,17 @@ def sample_prompts(paths) -> dict[str, str]:
     return {lang: (found[lang] or [fallback])[0] for lang, fallback in SAMPLE_PROMPTS.items()}
 
 
+# How the log's samples are drawn: fixed, so the samples of two runs differ only by their models.
+SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 50
+
+
 def generate_samples(model, sp, cfg, device, epoch: int, prompts: dict[str, str]) -> dict:
     """Continue one English and one Spanish prompt; seeded, so runs compare."""
     samples = {}
     for lang, prompt in prompts.items():
         prompt_ids = sp.encode(prompt)
         gen = torch.Generator(device="cpu").manual_seed(cfg["seed"] + epoch)
-        new = model.generate([sp.bos_id()] + prompt_ids, cfg["sample_tokens"], temperature=0.8, top_k=50,
-                             generator=gen, eos_id=sp.eos_id())
+        new = model.generate([sp.bos_id()] + prompt_ids, cfg["sample_tokens"], temperature=SAMPLE_TEMPERATURE,
+                             top_k=SAMPLE_TOP_K, generator=gen, eos_id=sp.eos_id())
         samples[lang] = sp.decode(prompt_ids + [t for t in new if t != sp.eos_id()])
     return samples
