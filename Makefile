@@ -271,7 +271,7 @@ TRAINS := $(filter train all,$(MAKECMDGOALS))
 train: $(CKPT)/train_done.json ## 5. train the model -> artifacts/checkpoints/
 ifneq ($(TRAINS),)
 $(CKPT)/train_done.json: $(CODE_train) $(PARAMS)/train.json $(OUT_encode) $(OUT_tokenizer) $(RAW)/corpus.json $(PREP)/val.txt
-	$(PY) stages/train.py $(BASE_FLAGS) $(FLAGS_train)
+	TRAIN_STARTED_BY_MAKE=1 $(PY) stages/train.py $(BASE_FLAGS) $(FLAGS_train)
 else
 $(CKPT)/train_done.json:
 	@echo "error: no trained model in $(CKPT) (no finished training run)" >&2

@@ -334,7 +334,7 @@ def not_in_params() -> str:
     from lib.training.runs import make_variables
 
     variables = make_variables()
-    return ", ".join(sorted(f"`{variables[key]}`" if key in variables else f"`{key}` (a flag only)" for key in NOT_RESULT_KEYS))
+    return ", ".join(sorted(f"`{variables[key]}`" if key in variables else f"`{key}` (no Make variable)" for key in NOT_RESULT_KEYS))
 
 
 def not_in_identity() -> str:
@@ -356,7 +356,7 @@ def same_run_rerun() -> str:
     from lib.training.runs import NOT_IN_FINGERPRINT, make_variables
 
     variables = make_variables()
-    return ", ".join(f"`{variables[key]}`" if key in variables else f"`{key}` (a flag only)" for key in
+    return ", ".join(f"`{variables[key]}`" if key in variables else f"`{key}` (no Make variable)" for key in
                      sorted(NOT_IN_FINGERPRINT - set(NOT_RESULT_KEYS) - {"resume"}, key=lambda k: variables.get(k, k)))
 
 

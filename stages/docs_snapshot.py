@@ -138,7 +138,8 @@ def error_examples() -> dict:
     # `make train BATCH_SIZE=128 LR=0.0045 MAX_MEMORY_GB=0.5` as make runs it: the flags, and make's command line in
     # MAKEFLAGS, from which the message repeats the variables typed (not those of the `make docs` running this)
     typed = {"BATCH_SIZE": "128", "LR": "0.0045", "MAX_MEMORY_GB": "0.5"}
-    env = {**os.environ, "MAKELEVEL": "1", "MAKEFLAGS": " -- " + " ".join(f"{k}={v}" for k, v in reversed(typed.items()))}
+    env = {**os.environ, "TRAIN_STARTED_BY_MAKE": "1",
+           "MAKEFLAGS": " -- " + " ".join(f"{k}={v}" for k, v in reversed(typed.items()))}
     oom = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py"), "--batch-size", "128",
                           "--learning-rate", "0.0045", "--max-memory-gb", "0.5"], capture_output=True, text=True,
                          cwd=REPO_ROOT, env=env)

@@ -216,7 +216,7 @@ def train_epoch(run: Run, state: Progress, epoch: int, stop: StopRequest) -> dic
                 optimizer.zero_grad(set_to_none=True)
             # several processes: the loss over all of them, and whether any of them was asked to stop
             loss_value = stop.agree(run.world, loss.item(), y.numel() * (weight > 0), run.device)
-            stop_if_diverged(loss_value, lr, state, epoch, b, len(batches), cfg["learning_rate"])
+            stop_if_diverged(loss_value, lr, state, epoch, b, len(batches), cfg)
             state.step += 1
             state.running_sum += loss_value
             state.running_count += 1

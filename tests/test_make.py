@@ -251,3 +251,14 @@ def test_a_restored_older_tokenizer_is_caught_and_its_token_files_rebuilt(projec
     damaged = make(proj, "encode", *tiny, "VOCAB_SIZE=310")
     assert "val.json (unreadable)" in damaged.stdout and ran(damaged.stdout) == ["encode.py"]
     assert json.loads((proj / "data" / "encoded" / "val.json").read_text())["vocab_size"] == 310
+
+
+def test_a_diverged_make_train_names_the_make_command_with_half_its_lr(project):
+    """Under make the fix line is the user's own make command (CORPUS_PATH=... included) with half the LR: the
+    Makefile's train recipe marks the process, so a train.py that make sweep or a test starts is not taken for it."""
+    proj, tiny, corpus = project
+    result = make(proj, "train", *tiny, "LR=1000000", "WARMUP=1", check=False)
+    assert result.returncode == 2, result.stdout + result.stderr  # make exits 2 when a recipe fails
+    assert "loss became nan" in result.stderr or "loss became inf" in result.stderr, result.stderr
+    fix = next(line for line in result.stderr.splitlines() if line.strip().startswith("fix:"))
+    assert "type: make train LR=500000.0 " in fix and f"CORPUS_PATH={corpus}" in fix and "WARMUP=1" in fix, fix

@@ -28,7 +28,7 @@ def test_a_bare_bigger_batch_gets_the_lr_of_the_defaults_pair():
 def under_make(monkeypatch):
     """make train BATCH_SIZE=128 LR=0.0045 MAX_MEMORY_GB=0.5 CORPUS_PATH=my corpus.txt, as make passes it on."""
     monkeypatch.delenv("TRAIN_LAUNCH_SETTINGS", raising=False)
-    monkeypatch.setenv("MAKELEVEL", "1")
+    monkeypatch.setenv("TRAIN_STARTED_BY_MAKE", "1")
     monkeypatch.setenv("MAKEFLAGS", r"s -- CORPUS_PATH=my\ corpus.txt MAX_MEMORY_GB=0.5 LR=0.0045 BATCH_SIZE=128")
     return monkeypatch
 
@@ -43,21 +43,25 @@ def test_an_lr_the_user_set_is_scaled_from_their_own_batch(under_make):
 
 
 def test_outside_make_the_hint_is_train_py_with_its_flags(monkeypatch):
-    for name in ("MAKELEVEL", "MAKEFLAGS", "TRAIN_LAUNCH_SETTINGS"):
+    for name in ("TRAIN_STARTED_BY_MAKE", "MAKEFLAGS", "TRAIN_LAUNCH_SETTINGS"):
         monkeypatch.delenv(name, raising=False)
     hint = smaller_batch_hint(run_config(batch_size=128))
     assert hint.startswith("type: python stages/train.py --batch-size 64 --learning-rate 0.003 ("), hint
 
 
-def test_a_nan_loss_names_the_command_with_half_the_runs_lr():
+def test_a_nan_loss_names_the_command_with_half_the_runs_lr(monkeypatch):
+    for name in ("TRAIN_STARTED_BY_MAKE", "MAKEFLAGS", "TRAIN_LAUNCH_SETTINGS"):
+        monkeypatch.delenv(name, raising=False)
     from types import SimpleNamespace
     from lib.runtime.errors import PipelineError
     from lib.training.guards import stop_if_diverged
     state = SimpleNamespace(step=299)
-    stop_if_diverged(4.2, 0.004, state, 3, 10, 82, 0.004)  # a number: nothing happens
+    cfg = run_config(learning_rate=0.004, max_memory_gb=0.5)
+    stop_if_diverged(4.2, 0.004, state, 3, 10, 82, cfg)  # a number: nothing happens
     with pytest.raises(PipelineError) as stop:
-        stop_if_diverged(float("nan"), 0.0039, state, 3, 10, 82, 0.004)
+        stop_if_diverged(float("nan"), 0.0039, state, 3, 10, 82, cfg)
     text = str(stop.value)
     assert "loss became nan at epoch 4, step 11 of 82 (step 300 of the run" in text
-    assert "fix: type: make train LR=0.002 (half the run's LR 0.004" in text
+    # the command to type: the run's own, with half its LR; outside make, train.py's flags
+    assert "fix: type: python stages/train.py --learning-rate 0.002 --max-memory-gb 0.5 (half the run's LR 0.004" in text
     assert "see: docs/troubleshooting.md#diverging-or-nan-loss" in text

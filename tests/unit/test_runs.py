@@ -184,7 +184,7 @@ def test_the_archive_gives_back_the_newest_finished_run_before_a_newer_interrupt
 
 @pytest.fixture
 def outside_make(monkeypatch):
-    for name in ("MAKELEVEL", "MAKEFLAGS", "TRAIN_LAUNCH_SETTINGS"):
+    for name in ("TRAIN_STARTED_BY_MAKE", "MAKEFLAGS", "TRAIN_LAUNCH_SETTINGS"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -215,7 +215,7 @@ def test_the_resume_command_names_another_config_file(outside_make, tmp_path):
 
 def test_under_make_the_resume_command_is_a_make_command_with_its_variables(outside_make):
     cfg = train_config("--epochs", "3", "--learning-rate", "0.001", "--compile")
-    outside_make.setenv("MAKELEVEL", "1")
+    outside_make.setenv("TRAIN_STARTED_BY_MAKE", "1")
     outside_make.setenv("MAKEFLAGS", r"s -- RESUME=no LR=0.001 CORPUS_PATH=my\ corpus.txt")
     assert resume_command(cfg) == "make train CORPUS_PATH='my corpus.txt' LR=0.001 COMPILE=yes EPOCHS=3"
 
@@ -225,6 +225,6 @@ def test_under_make_the_resume_command_is_a_make_command_with_its_variables(outs
 
 def test_a_setting_make_has_no_variable_for_gives_the_python_command(outside_make):
     cfg = train_config("--beta1", "0.8")
-    outside_make.setenv("MAKELEVEL", "1")
+    outside_make.setenv("TRAIN_STARTED_BY_MAKE", "1")
     outside_make.setenv("TRAIN_LAUNCH_SETTINGS", json.dumps({"nproc": 2}))
     assert resume_command(cfg) == "python stages/train.py --beta1 0.8 --nproc 2"

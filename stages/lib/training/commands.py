@@ -15,6 +15,9 @@ from pathlib import Path
 from lib.runtime.config import DEFAULT_CONFIG, REPO_ROOT
 
 LAUNCH_SETTINGS_ENV = "TRAIN_LAUNCH_SETTINGS"  # launch.py hands each rank the launch settings (NPROC, ...) here
+# Set by the Makefile's train recipe: this train.py is the user's `make train` / `make all`, whose command line
+# MAKEFLAGS holds. (MAKELEVEL alone would also be set under `make sweep` or `make test`, whose runs are not.)
+STARTED_BY_MAKE_ENV = "TRAIN_STARTED_BY_MAKE"
 
 
 def make_variables() -> dict[str, str]:
@@ -43,7 +46,8 @@ def resume_command(cfg: dict, **changes) -> str:
 
     Every setting that differs from the defaults is repeated, as Make variables under make
     (`make train EPOCHS=3 LR=0.001 NPROC=2`), as flags otherwise; RESUME / --restart are left out.
-    changes: settings replaced in it (the out-of-memory advice's batch and LR), the rest kept.
+    changes: settings replaced in it, the rest kept: then it is the command of a new run with those settings
+    (the out-of-memory advice's batch and LR, the divergence advice's LR), not this run's.
     """
     launch = json.loads(os.environ.get(LAUNCH_SETTINGS_ENV) or "{}")  # a rank of launch_ranks: NPROC and co.
     cfg = {**cfg, **launch, **changes}
@@ -58,7 +62,7 @@ def resume_command(cfg: dict, **changes) -> str:
         return shlex.quote(str(value))
 
     variables = make_variables()
-    if os.environ.get("MAKELEVEL") and all(key in variables for key in changed):
+    if os.environ.get(STARTED_BY_MAKE_ENV) and all(key in variables for key in changed):
         # make's command line first: it also holds what the stages before training were given (CORPUS_PATH=...)
         given = make_command_line_variables()
         for key in changes:  # a changed setting replaces what was typed for it, and comes first

@@ -24,6 +24,7 @@ from lib.runtime.stage import log
 from lib.training.checkpoints import (restore_rng_state, rng_state, save_checkpoint, save_resumable,
                                       training_checkpoint)
 from lib.training.distributed import lost_peer
+from lib.training.commands import resume_command
 from lib.training.hardware import smaller_batch_hint
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -164,11 +165,12 @@ def lost_peer_explained(run, state):
                             "scaling-out") from None
 
 
-def stop_if_diverged(loss: float, lr: float, state, epoch: int, batch: int, batches: int, peak_lr: float) -> None:
-    """peak_lr: the run's LR (the schedule's peak); the fix names half of it, a new run."""
+def stop_if_diverged(loss: float, lr: float, state, epoch: int, batch: int, batches: int, cfg: dict) -> None:
+    """The fix names the run's command with half its LR (the schedule's peak): a new run."""
     if not math.isfinite(loss):
+        peak = cfg["learning_rate"]
         raise PipelineError(f"loss became {loss} at epoch {epoch + 1}, step {batch + 1} of {batches} "
                             f"(step {state.step + 1} of the run, lr {lr:.2e})",
-                            f"type: make train LR={peak_lr / 2:.2g} (half the run's LR {peak_lr:g}; a new run, the "
-                            f"diverged one is archived), with the other variables you gave; keep GRAD_CLIP on",
+                            f"type: {resume_command(cfg, learning_rate=float(f'{peak / 2:.2g}'))} (half the run's LR "
+                            f"{peak:g}; a new run, the diverged one is archived); keep GRAD_CLIP on",
                             "diverging-or-nan-loss")

@@ -121,7 +121,7 @@ def train_step(model, optimizer, x, y, autocast, loss_fn, grad_clip: float,
     Returns the loss and the gradient norm before clipping (grad_clip <= 0: no clipping).
     loss_weight scales the gradient (a rank's share of a batch, lib/training/distributed.py).
     phase, if given, is a context manager factory wrapped around the "forward", "backward" and
-    "optimizer" parts (bench.py --profile passes torch.profiler.record_function).
+    "optimizer" parts (bench.py --profile passes StepProfile.phase).
     """
     with phase("forward"), autocast():
         loss = loss_fn(x, y)

@@ -6,22 +6,24 @@ repository's code that issued it (bench.py --profile).
     prof.rows()   # one row per (call site, operator): calls and milliseconds in forward / backward / optimizer
 
 Why not torch.profiler: its records, allocated between a step's tensors, fragment the heap, so the
-step's tensors land on fresh pages that the kernel must zero; a profiled bf16 step took 12,900 page
-faults against 50 unprofiled (fp32: 41,000 against 1), and the time went to whichever operator touched
-the new memory first, mostly elementwise ones (clamp_min, mul, copy_). This timer allocates no memory
-between operators beyond small Python objects, and measures each call alone with a wall clock.
+step's tensors land on fresh pages that the kernel must zero (thousands of page faults a step against
+none unprofiled: bench.py --profile counts both), and the time goes to whichever operator touched the
+new memory first, mostly elementwise ones (clamp_min, mul, copy_). This timer measures each call alone
+with a wall clock; what it keeps between operators is small Python objects and anomaly mode's
+tracebacks (a few hundred page faults a step).
 
-A call site is the innermost frame in the repository's own files (model/, stages/). In the backward
-pass the autograd engine runs an operator with no Python frame of ours above it: anomaly mode records
-the forward traceback on each autograd node, so a backward operator is named by the forward line that
-built its node. Anomaly mode's NaN checks stay off; its traceback costs Python time outside the timed
-calls.
+A call site is the innermost frame in the repository's own files (model/, stages/) that was not
+already running when the phase began (train_step itself names nothing). In the backward pass only
+train_step's frames are ours, so a built-in autograd node's operators are named by the forward line
+that built the node: anomaly mode records that traceback on each node (its NaN checks stay off; the
+traceback costs Python time outside the timed calls). Operators outside any phase are not counted.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import os
 import re
 import sys
 import time
@@ -40,7 +42,7 @@ class StepProfile(TorchDispatchMode):
     def __init__(self, repo: Path):
         super().__init__()
         self.repo, self.this_file = str(Path(repo).resolve()), str(Path(__file__).resolve())
-        self.current = "forward"
+        self.current: str | None = None  # the phase running; None: outside train_step's phases, not counted
         self.ns: dict[tuple[str, str, str], int] = defaultdict(int)
         self.calls: dict[tuple[str, str, str], int] = defaultdict(int)
         self.steps = 0
@@ -49,7 +51,7 @@ class StepProfile(TorchDispatchMode):
     @contextmanager
     def phase(self, name: str):
         """train_step's `phase` argument: labels the operators run inside."""
-        previous, self.current = self.current, name
+        previous, previous_outer, self.current = self.current, self.outer, name
         self.outer = set()  # the frames already running (train_step): they name no operator of this phase
         frame = sys._getframe(2)
         while frame is not None:
@@ -64,9 +66,11 @@ class StepProfile(TorchDispatchMode):
             else:
                 yield
         finally:
-            self.current = previous
+            self.current, self.outer = previous, previous_outer
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.current is None:
+            return func(*args, **(kwargs or {}))
         start = time.perf_counter_ns()
         out = func(*args, **(kwargs or {}))
         elapsed = time.perf_counter_ns() - start
@@ -76,7 +80,8 @@ class StepProfile(TorchDispatchMode):
         return out
 
     def ours(self, filename: str) -> bool:
-        return filename.startswith(self.repo) and filename != self.this_file and "/.venv/" not in filename
+        return (filename.startswith(self.repo + os.sep) and filename != self.this_file
+                and "site-packages" not in filename and f"{os.sep}.venv{os.sep}" not in filename)
 
     def site(self) -> str:
         frame, caller = sys._getframe(2), None
@@ -104,10 +109,11 @@ class StepProfile(TorchDispatchMode):
     def rows(self) -> list[dict]:
         """One row per (site, operator), milliseconds per step by phase, largest first."""
         rows: dict[tuple[str, str], dict] = {}
+        steps = max(1, self.steps)
         for (phase, site, op), ns in self.ns.items():
             row = rows.setdefault((site, op), {"site": site, "op": op, "calls": 0, **dict.fromkeys(PHASES, 0.0)})
-            row[phase] += ns / 1e6 / self.steps
-            row["calls"] += self.calls[(phase, site, op)] / self.steps
+            row[phase] += ns / 1e6 / steps
+            row["calls"] += self.calls[(phase, site, op)] / steps
         for row in rows.values():
             row["total"] = sum(row[p] for p in PHASES)
         return sorted(rows.values(), key=lambda r: -r["total"])
