@@ -326,6 +326,11 @@ def pins(*packages: str) -> str:
     return " ".join(f"{name}=={pinned[name]}" for name in packages)
 
 
+def as_typed(key: str, variables: dict) -> str:
+    """A setting as a user types it: its Make variable, else the config key (a flag of its stage)."""
+    return f"`{variables[key]}`" if key in variables else f"`{key}` (no Make variable)"
+
+
 def not_in_params() -> str:
     """The settings left out of every stage's parameter file (NOT_RESULT_KEYS in stages/lib/runtime/config.py), as
     typed: the Make variable where there is one, else the config key."""
@@ -334,7 +339,7 @@ def not_in_params() -> str:
     from lib.training.runs import make_variables
 
     variables = make_variables()
-    return ", ".join(sorted(f"`{variables[key]}`" if key in variables else f"`{key}` (no Make variable)" for key in NOT_RESULT_KEYS))
+    return ", ".join(sorted(as_typed(key, variables) for key in NOT_RESULT_KEYS))
 
 
 def not_in_identity() -> str:
@@ -356,7 +361,7 @@ def same_run_rerun() -> str:
     from lib.training.runs import NOT_IN_FINGERPRINT, make_variables
 
     variables = make_variables()
-    return ", ".join(f"`{variables[key]}`" if key in variables else f"`{key}` (no Make variable)" for key in
+    return ", ".join(as_typed(key, variables) for key in
                      sorted(NOT_IN_FINGERPRINT - set(NOT_RESULT_KEYS) - {"resume"}, key=lambda k: variables.get(k, k)))
 
 

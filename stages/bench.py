@@ -366,8 +366,7 @@ def profile_step(args) -> None:
                   f"{r['calls']:5.0f}  {r['op']:<24} {r['site']}")
         print("  by kind: " + ", ".join(f"{kind} {ms:.1f} ms" for kind, ms in
                                         sorted(found["kinds_ms"].items(), key=lambda kv: -kv[1])), flush=True)
-    model, _, _ = training_model(cfg, vocab, tokens, default_dtype)
-    result["flops_per_token"] = flops_per_token(model.cfg)
+    result["flops_per_token"] = flops_per_token(model_config(cfg, vocab))
     write_json_atomic(paths["bench"] / "profile.json", result)
 
 
@@ -542,7 +541,11 @@ def main():
         return process_table(args)
     if args.one_size or args.sizes:
         return size_table(args)
+    return full_bench(args)
 
+
+def full_bench(args) -> None:
+    """The default run of bench.py: matmul peaks, the two training steps, the quality guard, the stages."""
     torch.set_num_threads(os.cpu_count() or 1)
     keep_freed_memory()
     paths, train_cfg, vocab, tokens = load_inputs(args)

@@ -17,6 +17,7 @@ import torch
 
 from lib.runtime.errors import PipelineError
 from lib.runtime.stage import log
+from lib.training.commands import resume_command
 
 
 def cpu_has_native_bf16() -> bool:
@@ -108,8 +109,6 @@ def lr_for_batch(cfg: dict, batch: int) -> float:
 def smaller_batch_hint(cfg: dict, batch: int = 0) -> str:
     """The command to type for a smaller batch (half the run's unless given), with the LR that goes with it
     and every other setting the run was given (CORPUS_PATH=..., MAX_MEMORY_GB=...)."""
-    from lib.training.commands import resume_command
-
     batch = batch or max(1, cfg["batch_size"] // 2)
     lr = float(f"{lr_for_batch(cfg, batch):.2g}")
     return f"type: {resume_command(cfg, batch_size=batch, learning_rate=lr)} (the LR follows the batch, two thirds per halving)"
