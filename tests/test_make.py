@@ -203,6 +203,29 @@ def test_experiments_evaluate_what_was_trained_and_come_back_to_the_defaults(pro
     assert "restored" not in restart.stdout and "epoch  2/2" in restart.stdout, "RESUME=no trains afresh"
 
 
+def test_a_run_started_without_make_is_seen_by_the_next_make_train(project):
+    """`python stages/train.py --learning-rate ...` records its settings in artifacts/params/train.json as it
+    starts: a later `make train` with the defaults reruns (the default run comes back from the archive) instead
+    of calling the other run up to date, and one with the run's own settings has nothing to do."""
+    proj, tiny, _ = project
+    ckpt = proj / "artifacts" / "checkpoints"
+    make(proj, "all", *tiny)
+    flags = ["--epochs", "1", "--batch-size", "16", "--max-seq-length", "32", "--n-layers", "1", "--d-model", "32",
+             "--n-heads", "2", "--dtype", "float32", "--threads", "1"]
+    direct = subprocess.run([sys.executable, "stages/train.py", *flags, "--learning-rate", "0.001"], cwd=proj,
+                            capture_output=True, text=True, timeout=600)
+    assert direct.returncode == 0, direct.stderr
+    assert "params: artifacts/params/train.json now records this run's settings (learning_rate 0.002 -> 0.001)" \
+        in direct.stdout
+    assert json.loads((ckpt / "history.json").read_text())["config"]["learning_rate"] == 0.001
+
+    assert ran(make(proj, "train", *tiny, "LR=0.001").stdout) == [], "the direct run is the one LR=0.001 asks for"
+    back = make(proj, "train", *tiny)
+    assert "params: train reruns: learning_rate 0.001 -> 0.002" in back.stdout
+    assert "restored the finished run" in back.stdout
+    assert json.loads((ckpt / "history.json").read_text())["config"]["learning_rate"] == 0.002
+
+
 def test_without_a_trained_model_evaluate_generate_and_runs_say_how_to_train(project):
     proj, tiny, _ = project
     evaluated = make(proj, "evaluate", *tiny, check=False)

@@ -172,16 +172,28 @@ def resolve_config(parser: argparse.ArgumentParser, stage: str, argv=None, valid
         sys.exit(EXIT_OK)
     cfg["_overridden"] = sorted(overridden)
     cfg["_config"] = str(args.config)
+    if (stage in PARAMS_FOLDER and os.environ.get("RANK", "0") == "0"  # torchrun's other ranks: rank 0 records
+            and not any(cfg.get(flag) for flag in CHECK_ONLY_FLAGS)):
+        cfg["_params_file"] = str(stage_paths(cfg)[PARAMS_FOLDER[stage]] / f"{stage}.json")
     return cfg
 
 
-def write_params(path: Path, stage: str, cfg: dict) -> None:
+# Where each stage's parameter file lives (the Makefile's DATA_PARAMS and PARAMS). A stage run directly,
+# with flags make did not give, writes its settings there as it starts (run_stage): the file then says what
+# the outputs were made with, and the next make command with other settings sees the change and reruns it.
+CHECK_ONLY_FLAGS = ("check_tokenizer", "check_files")  # runs that check outputs and make none
+PARAMS_FOLDER = {"download": "data_params", "prepare": "data_params", "encode": "data_params",
+                 "tokenizer": "params", "train": "params", "evaluate": "params", "export": "params"}
+
+
+def write_params(path: Path, stage: str, cfg: dict, direct_run: bool = False) -> None:
     """Replace the stage's parameter file only when a parameter changed, and say which, old -> new.
 
     Make reruns a stage when its parameter file is newer than its outputs, so the file
     is rewritten exactly when the stage must rerun, and this line says why beforehand.
+    `direct_run`: the stage itself records the settings it runs with (under make, the file already holds them).
     """
-    cfg = {k: v for k, v in cfg.items() if k not in NOT_RESULT_KEYS}
+    cfg = {k: v for k, v in public(cfg).items() if k not in NOT_RESULT_KEYS}
     text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     old_text = path.read_text(encoding="utf-8") if path.exists() else None
     if old_text == text:
@@ -193,7 +205,9 @@ def write_params(path: Path, stage: str, cfg: dict) -> None:
             old = {}
         changes = [f"{key} {old.get(key, '(unset)')} -> {cfg.get(key, '(unset)')}"
                    for key in sorted(set(old) | set(cfg)) if old.get(key) != cfg.get(key)]
-        print(f"params: {stage} reruns: {', '.join(changes) or 'its parameter file was rewritten'}", flush=True)
+        changed = ', '.join(changes) or 'its parameter file was rewritten'
+        print(f"params: {path} now records this run's settings ({changed}); a make command with "
+              f"others reruns {stage}" if direct_run else f"params: {stage} reruns: {changed}", flush=True)
     write_text_atomic(path, text)
 
 
@@ -232,6 +246,8 @@ def stage_paths(cfg: dict) -> dict[str, Path]:
         "eval": art / "eval",
         "bench": art / "bench",
         "export": art / "export",
+        "params": art / "params",
+        "data_params": data / "params",
     }
 
 
