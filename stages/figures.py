@@ -228,12 +228,13 @@ def rotary(plt, train_cfg: dict, out: Path) -> None:
 def sampling(plt, model, sp, prompt: str, gen_cfg: dict, out: Path) -> dict:
     ids = [sp.bos_id()] + sp.encode(prompt)
     logits = model(torch.tensor([ids]))[0][0, -1].float()
-    settings = [("greedy (TEMPERATURE=0): always the top token", None),  # written as typed: not the defaults
-                ("TEMPERATURE=1.0: the model's own distribution", (1.0, 0, 1.0)),
-                ("TEMPERATURE=0.5: sharper", (0.5, 0, 1.0)),
-                (f"temperature {gen_cfg['temperature']:g}, top-k {gen_cfg['top_k']} (the defaults)",
+    # each title is the setting as typed after `make generate`, which draws from exactly this distribution
+    settings = [("TEMPERATURE=0 (greedy):\nalways the top token", None),
+                ("TEMPERATURE=1 TOP_K=0:\nthe model's own distribution", (1.0, 0, 1.0)),
+                ("TEMPERATURE=0.5 TOP_K=0:\nsharper", (0.5, 0, 1.0)),
+                (f"the defaults:\nTEMPERATURE={gen_cfg['temperature']:g} TOP_K={gen_cfg['top_k']}",
                  (gen_cfg["temperature"], gen_cfg["top_k"], 1.0)),
-                ("TEMPERATURE=1.0 TOP_P=0.9", (1.0, 0, 0.9))]
+                ("TEMPERATURE=1 TOP_K=0 TOP_P=0.9", (1.0, 0, 0.9))]
     base = torch.softmax(logits, -1)
     order = torch.argsort(base, descending=True)[:15]
     labels = [sp.id_to_piece(int(i)) for i in order]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from conftest import REPO, copy_project, make_corpus_text
 
-DOCS = ["walkthrough.md", "training.md", "export.md", "configuration.md", "speed.md", "troubleshooting.md", "experiments.md"]
+DOCS = ["walkthrough.md", "training.md", "export.md", "runs.md", "configuration.md", "speed.md", "troubleshooting.md", "experiments.md"]
 BLOCK = re.compile(r"(<!--\s*(?P<mark>[a-z-]+)\s*-->\s*\n)?```(?P<lang>bash|python)\n(?P<code>.*?)```", re.S)
 
 TINY_OVERRIDES = {
