@@ -174,7 +174,8 @@ def resolve_config(parser: argparse.ArgumentParser, stage: str, argv=None, valid
     cfg["_config"] = str(args.config)
     if (stage in PARAMS_FOLDER and os.environ.get("RANK", "0") == "0"  # torchrun's other ranks: rank 0 records
             and not any(cfg.get(flag) for flag in CHECK_ONLY_FLAGS)):
-        cfg["_params_file"] = str(stage_paths(cfg)[PARAMS_FOLDER[stage]] / f"{stage}.json")
+        params_file = stage_paths(cfg)[PARAMS_FOLDER[stage]] / f"{stage}.json"
+        run_stage(lambda _: write_params(params_file, stage, cfg, direct_run=True), cfg, report_time=False)
     return cfg
 
 

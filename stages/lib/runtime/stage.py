@@ -134,9 +134,6 @@ def run_stage(main, cfg: dict, report_time: bool = True, log_file: Path | None =
     signal.signal(signal.SIGTERM, _stop)
     start = time.perf_counter()
     try:
-        if cfg.get("_params_file"):
-            from lib.runtime.config import write_params  # config imports this module
-            write_params(Path(cfg["_params_file"]), _STAGE, cfg, direct_run=True)
         main(cfg)
     except PipelineError as exc:
         print(str(exc), file=sys.stderr, flush=True)

@@ -30,7 +30,8 @@ def sample_prompts(paths) -> dict[str, str]:
 
 
 # How the log's samples are drawn: fixed, so the samples of two runs differ only by their models.
-SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 50
+SAMPLE_TEMPERATURE = 0.8
+SAMPLE_TOP_K = 50
 
 
 def generate_samples(model, sp, cfg, device, epoch: int, prompts: dict[str, str]) -> dict:
