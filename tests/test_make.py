@@ -37,6 +37,8 @@ def make(proj: Path, *args, check=True):
                             env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")})
     if check and result.returncode != 0:
         raise AssertionError(f"make {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    # under make a stage finds its parameter file already written by make: recording it again must change nothing
+    assert "now records this run's settings" not in result.stdout, result.stdout
     return result
 
 

@@ -14,6 +14,7 @@ def test_evaluate_into_a_read_only_artifacts_folder_says_so(trained, tmp_path):
     shutil.copytree(trained.data, ws.data)
     shutil.copytree(trained.artifacts, ws.artifacts)
     shutil.rmtree(ws.artifacts / "eval", ignore_errors=True)
+    ws.run("evaluate.py", "--write-params", ws.artifacts / "params" / "evaluate.json")  # as make would, beforehand
     with read_only(ws.artifacts):
         result = ws.run("evaluate.py", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr

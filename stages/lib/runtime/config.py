@@ -172,19 +172,29 @@ def resolve_config(parser: argparse.ArgumentParser, stage: str, argv=None, valid
         sys.exit(EXIT_OK)
     cfg["_overridden"] = sorted(overridden)
     cfg["_config"] = str(args.config)
-    if (stage in PARAMS_FOLDER and os.environ.get("RANK", "0") == "0"  # torchrun's other ranks: rank 0 records
-            and not any(cfg.get(flag) for flag in CHECK_ONLY_FLAGS)):
-        params_file = stage_paths(cfg)[PARAMS_FOLDER[stage]] / f"{stage}.json"
-        run_stage(lambda _: write_params(params_file, stage, cfg, direct_run=True), cfg, report_time=False)
+    if argv is None:  # a command line, not a test or another script building a config
+        record_params(stage, cfg)
     return cfg
 
 
-# Where each stage's parameter file lives (the Makefile's DATA_PARAMS and PARAMS). A stage run directly,
-# with flags make did not give, writes its settings there as it starts (run_stage): the file then says what
-# the outputs were made with, and the next make command with other settings sees the change and reruns it.
-CHECK_ONLY_FLAGS = ("check_tokenizer", "check_files")  # runs that check outputs and make none
+# Where each stage's parameter file lives (the Makefile's DATA_PARAMS and PARAMS).
 PARAMS_FOLDER = {"download": "data_params", "prepare": "data_params", "encode": "data_params",
                  "tokenizer": "params", "train": "params", "evaluate": "params", "export": "params"}
+CHECK_ONLY_FLAGS = ("check_tokenizer", "check_files")  # runs that check outputs and make none
+# Set by every stage for the processes it starts (export's proofs, evaluate's latency runs, torchrun's ranks,
+# the docs' error examples): those run with their parent's purpose, not the user's settings, and record nothing.
+STARTED_BY_STAGE = "PIPELINE_STARTED_BY_STAGE"
+
+
+def record_params(stage: str, cfg: dict) -> None:
+    """A stage run directly, with flags make did not give, writes its settings into its parameter file as it
+    starts: the file then says what the outputs were made with, so the next make command with other settings
+    sees the change and reruns the stage. Under make the file already holds them, and nothing is written."""
+    if (stage in PARAMS_FOLDER and not os.environ.get(STARTED_BY_STAGE)
+            and not any(cfg.get(flag) for flag in CHECK_ONLY_FLAGS)):
+        params_file = stage_paths(cfg)[PARAMS_FOLDER[stage]] / f"{stage}.json"
+        run_stage(lambda _: write_params(params_file, stage, cfg, direct_run=True), cfg, report_time=False)
+    os.environ[STARTED_BY_STAGE] = stage
 
 
 def write_params(path: Path, stage: str, cfg: dict, direct_run: bool = False) -> None:
