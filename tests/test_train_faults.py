@@ -160,6 +160,8 @@ def test_a_closed_terminal_saves_exits_129_and_the_rerun_resumes(encoded, corpus
     last = torch.load(encoded.artifacts / "checkpoints" / "last.pt", weights_only=True)
     assert (last["epoch"], last["position"], last["step"]) == (0, 6, 6)  # the paused step finished, then the save
     assert not (encoded.artifacts / ".train.lock").exists()
+    log = (encoded.artifacts / "checkpoints" / "train.log").read_text()
+    assert "resume with: python stages/train.py" in log, "the terminal is gone: the log keeps the command"
 
     rerun = encoded.run("train.py", *TINY_TRAIN)
     assert "resuming" in rerun.stdout and "from epoch 1, batch 6" in rerun.stdout

@@ -87,6 +87,12 @@ def log(message: str) -> None:
         _write_log_lines([line])
 
 
+def keep_in_log(message: str) -> None:
+    """A line for the stage's log file alone, for what the stage prints elsewhere (to stderr)."""
+    if _APPEND_TO is not None and not _SILENT:
+        _write_log_lines([f"[{_STAGE}] {message}"])
+
+
 def append_log_to(path: Path) -> None:
     """From now on every log line is also appended to `path`, starting with the lines logged so far."""
     global _APPEND_TO

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from lib.runtime.errors import PipelineError
-from lib.runtime.stage import log
+from lib.runtime.stage import keep_in_log, log
 from lib.training.checkpoints import (restore_rng_state, rng_state, save_checkpoint, save_resumable,
                                       training_checkpoint)
 from lib.training.distributed import lost_peer
@@ -101,8 +101,9 @@ def save_and_exit(run, state, epoch: int, batch: int, signum: int) -> None:
     """last.pt at this batch, the command that resumes, and exit 128 + signal: 130 Ctrl+C, 143 SIGTERM, 129 SIGHUP."""
     save_resumable(run, state, run.dir / "last.pt", "last", epoch, batch)
     if run.world.is_main:
-        print(f"saved {run.dir / 'last.pt'} at epoch {epoch + 1}, batch {batch}; resume with: {run.resume}",
-              file=sys.stderr, flush=True)
+        saved = f"saved {run.dir / 'last.pt'} at epoch {epoch + 1}, batch {batch}; resume with: {run.resume}"
+        keep_in_log(saved)  # after a closed terminal the printed line goes nowhere: train.log keeps it
+        print(saved, file=sys.stderr, flush=True)
     run.world.close()
     sys.exit(128 + signum)
 
