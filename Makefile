@@ -216,6 +216,12 @@ $(INPUTS): FORCE | $(VENV_DONE)
 	@$(PY) stages/check.py $(BASE_FLAGS) $(FLAGS_source) --inputs $@ $(SOURCES)
 # Its recipe is empty, yet it runs every time: make then reads the stamp's time again, after the check.
 %/outputs-checked.txt: $(INPUTS) FORCE ;
+# evaluate and export outside `make train`/`make all` rebuild no data (see "which commands train"), so
+# they only refuse future-dated code: rewriting INPUTS there for another CORPUS_PATH (or none) would make
+# the next `make train CORPUS_PATH=...` rebuild the data it already has.
+DATES_CHECKED = $(if $(TRAINS),$(INPUTS),dates-checked)
+dates-checked: FORCE | $(VENV_DONE)
+	@$(PY) stages/check.py $(BASE_FLAGS) --future-dates $(SOURCES)
 
 # ---------------------------------------------------------------- stages
 # A data stage writes several files. Each is a target of its own (`make data/encoded/train.npy` works, and
@@ -280,12 +286,12 @@ $(CKPT)/train_done.json:
 endif
 
 evaluate: $(EVAL)/report.json ## 6. report, plots, samples, latency -> artifacts/eval/
-$(EVAL)/report.json: $(CODE_evaluate) $(PARAMS)/evaluate.json $(CKPT)/train_done.json $(if $(TRAINS),$(ENC)/val.npy) | $(INPUTS)
+$(EVAL)/report.json: $(CODE_evaluate) $(PARAMS)/evaluate.json $(CKPT)/train_done.json $(if $(TRAINS),$(ENC)/val.npy) | $(DATES_CHECKED)
 	$(PY) stages/evaluate.py $(BASE_FLAGS) $(FLAGS_evaluate)
 
 export: $(EXPORT)/export.json ## 7. Hugging Face + ONNX copies of the model, proven equal -> artifacts/export/
 $(EXPORT)/export.json: $(CODE_export) $(PARAMS)/export.json $(EXPORT)/files-checked.txt $(CKPT)/train_done.json \
-                       $(if $(TRAINS),$(TOK)/spm.model) | $(INPUTS)
+                       $(if $(TRAINS),$(TOK)/spm.model) | $(DATES_CHECKED)
 	$(PY) stages/export.py $(BASE_FLAGS) $(FLAGS_export)
 # Rewritten only when an exported file is missing or differs from export.json's records (size, sha256):
 # then it is newer than export.json, and the export is rebuilt.

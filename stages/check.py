@@ -12,6 +12,7 @@ line saying what is wrong and how to fix it; any failure exits 1.
 For make, it also runs before any stage, and after each data stage:
 
     python stages/check.py --inputs data/params/inputs.txt stages/*.py config/defaults.yaml ...
+    python stages/check.py --future-dates stages/*.py config/defaults.yaml ...
     python stages/check.py --record encode data/encoded/train.npy data/encoded/val.npy ...
 
 Make compares file times, and a time can lie. `--inputs` checks what times cannot tell:
@@ -23,6 +24,10 @@ and times in data/params/inputs.txt, rewritten when that list changes, which rer
 download; and each data stage's outputs are compared with the record `--record` wrote
 when the stage succeeded (size, time, sha256): when one is missing or damaged, the
 stage's outputs-checked.txt is rewritten, so make reruns that stage.
+`--future-dates` is the first check alone, for evaluate and export outside `make train`
+and `make all`: they rebuild no data, so the corpus list there is left as the last
+training command wrote it (a `make evaluate` without CORPUS_PATH must not make the next
+`make train CORPUS_PATH=...` rebuild the data it already has).
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ def build_parser():
     p.add_argument("--inputs", type=str, default="", metavar="STAMP",
                    help="before make decides: refuse future-dated FILEs, list the corpus files in STAMP, check "
                         "each data stage's outputs against its record (used by make)")
+    p.add_argument("--future-dates", action="store_true",
+                   help="refuse future-dated FILEs only, and leave the corpus list alone (used by make for "
+                        "evaluate and export, which rebuild no data)")
     p.add_argument("--record", type=str, default="", metavar="STAGE",
                    help="after a data stage succeeded: record its output FILEs (used by make)")
     p.add_argument("files", nargs="*", default=[], metavar="FILE",
@@ -221,6 +229,9 @@ def check_inputs(cfg, listing_file: Path) -> None:
 def main():
     # The corpus source belongs to the download stage: borrow those keys from its section.
     cfg = resolve_config(build_parser(), "check", borrow=("download",))
+    if cfg["future_dates"]:
+        run_stage(lambda cfg: refuse_future_dates([Path(f) for f in cfg["files"]]), cfg, report_time=False)
+        return 0
     if cfg["inputs"]:
         run_stage(lambda cfg: check_inputs(cfg, Path(cfg["inputs"])), cfg, report_time=False)
         return 0

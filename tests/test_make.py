@@ -188,6 +188,11 @@ def test_experiments_evaluate_what_was_trained_and_come_back_to_the_defaults(pro
     assert report["epoch"] == 2 and report["run"]["settings"]["learning_rate"] == 0.001 and report["run"]["current"]
     assert "learning_rate=0.001" in (proj / "artifacts" / "eval" / "report.md").read_text()
 
+    # without CORPUS_PATH (the docs say evaluate needs none) evaluate must leave the corpus list as
+    # training wrote it, or the next make with CORPUS_PATH would rebuild every data stage
+    no_corpus = [v for v in tiny if not v.startswith("CORPUS_PATH=")]
+    assert ran(make(proj, "evaluate", *no_corpus).stdout) == []
+
     back = make(proj, "all", *tiny)
     assert "restored the finished run" in back.stdout and "epoch  1/1" not in back.stdout, "restored, not retrained"
     assert ran(back.stdout) == ["train.py", "evaluate.py"]
