@@ -50,7 +50,7 @@ from lib.training.distributed import World, data_parallel, join
 from lib.training.guards import (StopRequest, compile_or_eager, lost_peer_explained, save_and_exit, step_guard,
                                  stop_if_diverged)
 from lib.training.hardware import check_memory, keep_freed_memory, resolve_device, resolve_dtype
-from lib.training.launch import launch_ranks, launched_by_torchrun, report_stop_to_launcher
+from lib.training.launch import launch_ranks, launched_by_torchrun, end_of_rank
 from lib.training.optim import LossModule, lr_at, make_optimizer, set_learning_rate
 from lib.training.regularisation import dropout_setting, noise_inputs, resolve_dropout
 from lib.training.runs import acquire_lock, fingerprint, resume_command, run_identity
@@ -350,5 +350,5 @@ def train(run: Run, world: World) -> None:
 
 if __name__ == "__main__":
     config = resolve_config(build_parser(), "train", validate=validate)
-    with report_stop_to_launcher():
+    with end_of_rank():
         run_stage(main, config)

@@ -158,14 +158,31 @@ def _descendants(root: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def report_stop_to_launcher():
-    """Under launch_ranks: a rank's exit 130 / 143 / 129 is written to the launcher's file, and the rank exits 0."""
-    stop_file = os.environ.get(STOP_FILE_ENV)
+def end_of_rank():
+    """How a training process that torchrun started ends (one process ends as any script does).
+
+    - A stop (exit 130 / 143 / 129) is written to launch_ranks' file and the rank exits 0: torchrun would call
+      a rank's non-zero exit a failure and stop the others; the launcher exits with the stop's code instead.
+    - The rank leaves by os._exit once its output is flushed, skipping Python's teardown: gloo's threads can
+      still hold tensors then, and one that frees its tensor while the interpreter shuts down aborts the
+      process ("terminate called without an active exception", SIGABRT), which torchrun reports as a failed
+      run, however well it finished. The process group is already left (World.close) and every file written.
+    """
+    if not launched_by_torchrun():
+        yield
+        return
+    code = 0
     try:
         yield
     except SystemExit as exc:
-        if stop_file and launched_by_torchrun() and exc.code in {128 + signum for signum in STOP_SIGNALS}:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+        stop_file = os.environ.get(STOP_FILE_ENV)
+        if stop_file and code in {128 + signum for signum in STOP_SIGNALS}:
             with contextlib.suppress(OSError):
-                Path(stop_file).write_text(str(exc.code))
-            raise SystemExit(0) from None
-        raise
+                Path(stop_file).write_text(str(code))
+            code = 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
