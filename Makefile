@@ -220,6 +220,7 @@ $(INPUTS): FORCE | $(VENV_DONE)
 # they only refuse future-dated code: rewriting INPUTS there for another CORPUS_PATH (or none) would make
 # the next `make train CORPUS_PATH=...` rebuild the data it already has.
 DATES_CHECKED = $(if $(TRAINS),$(INPUTS),dates-checked)
+.PHONY: dates-checked  # a step of the rules above, not a target to type: no help row
 dates-checked: FORCE | $(VENV_DONE)
 	@$(PY) stages/check.py $(BASE_FLAGS) --future-dates $(SOURCES)
 

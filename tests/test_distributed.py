@@ -134,6 +134,30 @@ def test_launch_problems_are_reported_before_any_work(prepared, tmp_path):
     assert not (ws.artifacts / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("ending, code, stop_code", [
+    ("print('last words', end='')", 0, None),       # a finished run: buffered output still comes out
+    ("sys.exit(1)", 1, None),                       # an error keeps its code
+    ("sys.exit('a message')", 1, None),
+    ("sys.exit(130)", 0, "130"),                    # Ctrl+C: the code goes to the launcher's file, the rank exits 0
+    ("sys.exit(143)", 0, "143"),
+])
+def test_a_rank_ends_with_its_code_or_hands_a_stop_to_the_launcher(tmp_path, ending, code, stop_code):
+    """A torchrun rank leaves by os._exit (no interpreter teardown, where gloo's threads can abort it)."""
+    from lib.training.launch import STOP_FILE_ENV
+    stop_file = tmp_path / "stop_code"
+    script = (f"import atexit, sys\nfrom lib.training.launch import end_of_rank\natexit.register(print, 'teardown ran')\n"
+              f"with end_of_rank():\n    {ending}\n")
+    result = subprocess.run([PYTHON, "-c", script], cwd=REPO / "stages", capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "WORLD_SIZE": "2", STOP_FILE_ENV: str(stop_file)})
+    assert result.returncode == code, result.stderr
+    assert (stop_file.read_text() if stop_file.exists() else None) == stop_code
+    assert "teardown ran" not in result.stdout, "the rank went through the interpreter's teardown"
+    if "print" in ending:
+        assert result.stdout == "last words"
+    if "message" in ending:
+        assert "a message" in result.stderr
+
+
 def test_more_processes_than_cores_warns(capsys):
     from lib.training.launch import check_launch
     cores = os.cpu_count() or 1
