@@ -49,6 +49,16 @@ def test_outside_make_the_hint_is_train_py_with_its_flags(monkeypatch):
     assert hint.startswith("type: python stages/train.py --batch-size 64 --learning-rate 0.003 ("), hint
 
 
+def test_the_smaller_batch_divides_among_the_processes(monkeypatch):
+    for name in ("TRAIN_STARTED_BY_MAKE", "MAKEFLAGS", "TRAIN_LAUNCH_SETTINGS"):
+        monkeypatch.delenv(name, raising=False)
+    # 12 windows on 4 processes: half would be 6, which 4 processes cannot share; 4 can
+    hint = smaller_batch_hint(run_config(batch_size=12, nproc=4))
+    assert hint.startswith("type: python stages/train.py --batch-size 4 "), hint
+    assert smaller_batch_hint(run_config(batch_size=24, nproc=4)).startswith(
+        "type: python stages/train.py --batch-size 12 "), "a half that divides stays"
+
+
 def test_a_nan_loss_names_the_command_with_half_the_runs_lr(monkeypatch):
     for name in ("TRAIN_STARTED_BY_MAKE", "MAKEFLAGS", "TRAIN_LAUNCH_SETTINGS"):
         monkeypatch.delenv(name, raising=False)

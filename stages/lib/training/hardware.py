@@ -106,10 +106,16 @@ def lr_for_batch(cfg: dict, batch: int) -> float:
     return ref_lr * (batch / ref_batch) ** 0.585
 
 
+def shared_batch(cfg: dict, batch: int) -> int:
+    """`batch` rounded down to a multiple of the processes (NPROC x NNODES), each taking the same share."""
+    world = cfg.get("nproc", 1) * cfg.get("nnodes", 1)
+    return max(world, batch - batch % world)
+
+
 def smaller_batch_hint(cfg: dict, batch: int = 0) -> str:
     """The command to type for a smaller batch (half the run's unless given), with the LR that goes with it
     and every other setting the run was given (CORPUS_PATH=..., MAX_MEMORY_GB=...)."""
-    batch = batch or max(1, cfg["batch_size"] // 2)
+    batch = shared_batch(cfg, batch or max(1, cfg["batch_size"] // 2))
     lr = float(f"{lr_for_batch(cfg, batch):.2g}")
     return f"type: {resume_command(cfg, batch_size=batch, learning_rate=lr)} (the LR follows the batch, two thirds per halving)"
 
@@ -129,6 +135,7 @@ def fitting_hint(cfg: dict, n_params: int, vocab: int, limit: int) -> str:
     while seq >= 8 and not fits(max_seq_length=seq):
         seq //= 2
     keep_batch = f" (or keep the batch and use SEQ_LEN={seq})" if seq >= 8 else ""
+    batch = shared_batch(cfg, batch)
     return (f"the largest batch that fits is about BATCH_SIZE={batch}{keep_batch}; with a smaller batch, lower LR too: "
             + smaller_batch_hint(cfg, batch))
 
