@@ -186,7 +186,7 @@ def test_experiments_evaluate_what_was_trained_and_come_back_to_the_defaults(pro
     assert ran(evaluated.stdout) == ["evaluate.py"], "evaluate must use the trained model, not retrain it"
     report = json.loads((proj / "artifacts" / "eval" / "report.json").read_text())
     assert report["epoch"] == 2 and report["run"]["settings"]["learning_rate"] == 0.001 and report["run"]["current"]
-    assert "learning_rate=0.001" in (proj / "artifacts" / "eval" / "report.md").read_text()
+    assert "LR=0.001" in (proj / "artifacts" / "eval" / "report.md").read_text()
 
     # without CORPUS_PATH (the docs say evaluate needs none) evaluate must leave the corpus list as
     # training wrote it, or the next make with CORPUS_PATH would rebuild every data stage
@@ -202,7 +202,8 @@ def test_experiments_evaluate_what_was_trained_and_come_back_to_the_defaults(pro
 
     listing = make(proj, "runs", *tiny).stdout
     rows = [line for line in listing.splitlines() if line.startswith("| 1") or line.startswith("| 2")]
-    assert len(rows) == 2 and "(current)" in rows[0] and "learning_rate=0.001" in rows[1]
+    assert len(rows) == 2 and "(current)" in rows[0] and " LR=0.001 " in rows[1] and " EPOCHS=2 " in rows[1], \
+        "the settings as the Make variables that bring the run back"
     assert f"| {default_history[-1]['val_loss']:.3f} |" in rows[0] and f"| {other_history[-1]['val_loss']:.3f} |" in rows[1]
     assert (proj / "artifacts" / "runs" / "runs.md").exists() and (proj / "artifacts" / "runs" / "val_curves.png").exists()
 

@@ -49,4 +49,9 @@ def summarize_run(folder: Path) -> dict | None:
 
 
 def settings_text(settings: dict) -> str:
-    return " ".join(f"{key}={value}" for key, value in sorted(settings.items())) or "defaults"
+    """The settings as you would type them to train the run again: Make variables (`LR=0.001`), and the YAML key
+    of a setting that has none (`beta1=0.8`: a flag or a copy of the YAML sets it)."""
+    from lib.training.commands import make_variables
+
+    names = make_variables()
+    return " ".join(sorted(f"{names.get(key, key)}={value}" for key, value in settings.items())) or "defaults"
