@@ -95,7 +95,7 @@ CODE_train     := stages/train.py $(BASE_CODE) $(MODEL_CODE) $(DATA_CODE) $(addp
 # evaluate.py also runs generate.py, to time inference in a fresh process
 CODE_evaluate  := stages/evaluate.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) $(DATA_CODE) $(addprefix \
                   $(LIB)/runtime/,processes.py) $(addprefix $(LIB)/training/,__init__.py checkpoints.py \
-                  run_summary.py) $(addprefix $(LIB)/export/,__init__.py onnx_runtime.py)
+                  commands.py run_summary.py) $(addprefix $(LIB)/export/,__init__.py onnx_runtime.py)
 # export.py also runs generate.py, to time both runtimes in fresh processes
 CODE_export    := stages/export.py stages/generate.py $(BASE_CODE) $(MODEL_CODE) $(addprefix \
                   $(LIB)/runtime/,processes.py) $(addprefix $(LIB)/training/,__init__.py checkpoints.py) $(addprefix \

@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+from lib.training.commands import make_variables
+
 # Settings that say where files are or how to start, not what was trained.
 NOT_SETTINGS = {"data_dir", "artifacts_dir", "resume"}
 
@@ -51,7 +53,5 @@ def summarize_run(folder: Path) -> dict | None:
 def settings_text(settings: dict) -> str:
     """The settings as you would type them to train the run again: Make variables (`LR=0.001`), and the YAML key
     of a setting that has none (`beta1=0.8`: a flag or a copy of the YAML sets it)."""
-    from lib.training.commands import make_variables
-
     names = make_variables()
     return " ".join(sorted(f"{names.get(key, key)}={value}" for key, value in settings.items())) or "defaults"
