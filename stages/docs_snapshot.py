@@ -133,16 +133,14 @@ def tokenizer_examples(paths: dict) -> dict:
 
 
 def error_examples() -> dict:
-    """Messages the docs quote, made for real: training refused for a step too large for its memory budget (batch
-    128 at the LR that goes with it, 0.002 x 1.5 per doubling of the default batch)."""
-    # `make train BATCH_SIZE=128 LR=0.0045 MAX_MEMORY_GB=0.5` as make runs it: the flags, and make's command line in
+    """Messages the docs quote, made for real: training refused for a step too large for its memory budget."""
+    # `make train BATCH_SIZE=128 MAX_MEMORY_GB=0.5` as make runs it: the flags, and make's command line in
     # MAKEFLAGS, from which the message repeats the variables typed (not those of the `make docs` running this)
-    typed = {"BATCH_SIZE": "128", "LR": "0.0045", "MAX_MEMORY_GB": "0.5"}
+    typed = {"BATCH_SIZE": "128", "MAX_MEMORY_GB": "0.5"}
     env = {**os.environ, "TRAIN_STARTED_BY_MAKE": "1",
            "MAKEFLAGS": " -- " + " ".join(f"{k}={v}" for k, v in reversed(typed.items()))}
     oom = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py"), "--batch-size", "128",
-                          "--learning-rate", "0.0045", "--max-memory-gb", "0.5"], capture_output=True, text=True,
-                         cwd=REPO_ROOT, env=env)
+                          "--max-memory-gb", "0.5"], capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     if oom.returncode != 1 or "Out of memory" not in oom.stderr:
         raise PipelineError(f"the out-of-memory example did not fail as the docs say (exit {oom.returncode}): "
                             f"{oom.stderr[-500:]}", "fix the example in stages/docs_snapshot.py")

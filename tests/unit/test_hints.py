@@ -16,9 +16,14 @@ def run_config(**overrides) -> dict:
     return {**DEFAULTS, **overrides, "_config": str(CONFIG), "_overridden": sorted(overrides)}
 
 
+def adamw_config(**overrides) -> dict:
+    """Under AdamW the LR follows the batch (measured); OPTIMIZER=adamw is itself typed."""
+    return run_config(optimizer="adamw", **overrides)
+
+
 def test_a_bare_bigger_batch_gets_the_lr_of_the_defaults_pair():
     # BATCH_SIZE=128 alone kept the default LR: the smaller batch's LR comes from the defaults' batch and LR
-    cfg = run_config(batch_size=128)
+    cfg = adamw_config(batch_size=128)
     half = DEFAULTS["batch_size"] // 2
     assert lr_for_batch(cfg, half) == pytest.approx(DEFAULTS["learning_rate"] * 0.5 ** 0.585)
     assert lr_for_batch(cfg, DEFAULTS["batch_size"]) == pytest.approx(DEFAULTS["learning_rate"])
@@ -33,20 +38,34 @@ def under_make(monkeypatch):
     return monkeypatch
 
 
-def test_an_lr_the_user_set_is_scaled_from_their_own_batch(under_make):
-    cfg = run_config(batch_size=128, learning_rate=0.0045, max_memory_gb=0.5)
+def test_under_adamw_an_lr_the_user_set_is_scaled_from_their_own_batch(under_make):
+    cfg = adamw_config(batch_size=128, learning_rate=0.0045, max_memory_gb=0.5)
     assert lr_for_batch(cfg, 64) == pytest.approx(0.0045 * 0.5 ** 0.585)  # two thirds per halving
     # the whole command to type: the new batch and LR replace the typed ones, every other variable stays
     hint = smaller_batch_hint(cfg)
-    assert hint.startswith("type: make train BATCH_SIZE=64 LR=0.003 MAX_MEMORY_GB=0.5 CORPUS_PATH='my corpus.txt' ("), hint
+    assert hint.startswith("type: make train BATCH_SIZE=64 LR=0.003 MAX_MEMORY_GB=0.5 CORPUS_PATH='my corpus.txt' "), hint
+    assert "OPTIMIZER=adamw" in hint and "(the LR follows the batch, two thirds per halving)" in hint
     assert smaller_batch_hint(cfg, 16).startswith("type: make train BATCH_SIZE=16 LR=0.0013 MAX_MEMORY_GB=0.5 ")
+
+
+def test_under_muon_the_lr_rises_with_a_bigger_batch_and_stays_with_a_smaller_one(under_make):
+    # Muon (the default): batch 16 did best at the LR of batch 32, batch 64 at 1.5 times it (docs/experiments.md)
+    typed = run_config(batch_size=128, learning_rate=0.0045, max_memory_gb=0.5)
+    assert smaller_batch_hint(typed, 16) == ("type: make train BATCH_SIZE=16 LR=0.0045 MAX_MEMORY_GB=0.5 "
+                                             "CORPUS_PATH='my corpus.txt' (under Muon the LR rises with a bigger "
+                                             "batch, 1.5x per doubling, and stays with a smaller one)")
+    under_make.setenv("MAKEFLAGS", "s -- MAX_MEMORY_GB=0.5 BATCH_SIZE=128")
+    bare = run_config(batch_size=128, max_memory_gb=0.5)  # from the defaults' pair, BATCH_SIZE=32 LR=0.002
+    assert smaller_batch_hint(bare).startswith("type: make train BATCH_SIZE=64 LR=0.003 MAX_MEMORY_GB=0.5 (")
+    assert smaller_batch_hint(bare, 16).startswith("type: make train BATCH_SIZE=16 MAX_MEMORY_GB=0.5 (")
 
 
 def test_outside_make_the_hint_is_train_py_with_its_flags(monkeypatch):
     for name in ("TRAIN_STARTED_BY_MAKE", "MAKEFLAGS", "TRAIN_LAUNCH_SETTINGS"):
         monkeypatch.delenv(name, raising=False)
-    hint = smaller_batch_hint(run_config(batch_size=128))
-    assert hint.startswith("type: python stages/train.py --batch-size 64 --learning-rate 0.003 ("), hint
+    hint = smaller_batch_hint(adamw_config(batch_size=128))
+    assert hint.startswith("type: python stages/train.py --batch-size 64 --learning-rate 0.003 "), hint
+    assert smaller_batch_hint(run_config(batch_size=32)).startswith("type: python stages/train.py --batch-size 16 (")
 
 
 def test_the_smaller_batch_divides_among_the_processes(monkeypatch):

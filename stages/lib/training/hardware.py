@@ -94,16 +94,18 @@ def memory_limit_bytes(cfg: dict) -> tuple[int, str]:
 
 
 def lr_for_batch(cfg: dict, batch: int) -> float:
-    """The LR that goes with `batch`: two thirds per halving (x ** 0.585 = (2/3) ** halvings; docs/troubleshooting.md),
-    from the batch and LR this run set, or, where LR was left at its default, from the defaults' own pair (a bare
-    BATCH_SIZE=128 did not scale its LR up, so the LR for a smaller batch is not scaled down from it)."""
+    """The LR that goes with `batch`: 1.5x per doubling, two thirds per halving (x ** 0.585), from the batch and LR
+    this run set, or, where LR was left at its default, from the defaults' own pair (a bare BATCH_SIZE=128 did not
+    scale its LR up, so the LR for a smaller batch is not scaled down from it). Under Muon only upwards: a smaller
+    batch did best at the LR it came from (measured at 16 and 64: docs/experiments.md)."""
     ref_batch, ref_lr = cfg["batch_size"], cfg["learning_rate"]
     if cfg.get("_config") and "learning_rate" not in cfg.get("_overridden", ["learning_rate"]):
         from lib.runtime.config import load_yaml
 
         defaults = load_yaml(Path(cfg["_config"])).get("train", {})
         ref_batch, ref_lr = defaults.get("batch_size", ref_batch), defaults.get("learning_rate", ref_lr)
-    return ref_lr * (batch / ref_batch) ** 0.585
+    scale = (batch / ref_batch) ** 0.585
+    return ref_lr * (max(1.0, scale) if cfg.get("optimizer") == "muon" else scale)
 
 
 def shared_batch(cfg: dict, batch: int) -> int:
@@ -113,11 +115,14 @@ def shared_batch(cfg: dict, batch: int) -> int:
 
 
 def smaller_batch_hint(cfg: dict, batch: int = 0) -> str:
-    """The command to type for a smaller batch (half the run's unless given), with the LR that goes with it
-    and every other setting the run was given (CORPUS_PATH=..., MAX_MEMORY_GB=...)."""
+    """The command to type for a smaller batch (half the run's unless given), with every other setting the run was
+    given (CORPUS_PATH=..., MAX_MEMORY_GB=...), and the LR that goes with the batch (lr_for_batch)."""
     batch = shared_batch(cfg, batch or max(1, cfg["batch_size"] // 2))
     lr = float(f"{lr_for_batch(cfg, batch):.2g}")
-    return f"type: {resume_command(cfg, batch_size=batch, learning_rate=lr)} (the LR follows the batch, two thirds per halving)"
+    changes = {"batch_size": batch} if lr == cfg["learning_rate"] else {"batch_size": batch, "learning_rate": lr}
+    why = ("under Muon the LR rises with a bigger batch, 1.5x per doubling, and stays with a smaller one"
+           if cfg.get("optimizer") == "muon" else "the LR follows the batch, two thirds per halving")
+    return f"type: {resume_command(cfg, **changes)} ({why})"
 
 
 def fitting_hint(cfg: dict, n_params: int, vocab: int, limit: int) -> str:
@@ -136,8 +141,7 @@ def fitting_hint(cfg: dict, n_params: int, vocab: int, limit: int) -> str:
         seq //= 2
     keep_batch = f" (or keep the batch and use SEQ_LEN={seq})" if seq >= 8 else ""
     batch = shared_batch(cfg, batch)
-    return (f"the largest batch that fits is about BATCH_SIZE={batch}{keep_batch}; with a smaller batch, lower LR too: "
-            + smaller_batch_hint(cfg, batch))
+    return f"the largest batch that fits is about BATCH_SIZE={batch}{keep_batch}; " + smaller_batch_hint(cfg, batch)
 
 
 def check_memory(cfg, n_params, vocab):
