@@ -228,3 +228,10 @@ def test_a_setting_make_has_no_variable_for_gives_the_python_command(outside_mak
     outside_make.setenv("TRAIN_STARTED_BY_MAKE", "1")
     outside_make.setenv("TRAIN_LAUNCH_SETTINGS", json.dumps({"nproc": 2}))
     assert resume_command(cfg) == "python stages/train.py --beta1 0.8 --nproc 2"
+
+
+def test_a_runs_settings_are_written_as_the_make_variables_that_bring_it_back():
+    from lib.training.run_summary import settings_text
+    assert settings_text({"dropout": 0.0, "learning_rate": 0.001, "compile": True, "beta1": 0.8}) == \
+        "COMPILE=yes DROPOUT=0 LR=0.001 beta1=0.8"  # beta1 has no Make variable: its YAML key
+    assert settings_text({}) == "defaults"

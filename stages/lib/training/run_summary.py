@@ -53,5 +53,12 @@ def summarize_run(folder: Path) -> dict | None:
 def settings_text(settings: dict) -> str:
     """The settings as you would type them to train the run again: Make variables (`LR=0.001`), and the YAML key
     of a setting that has none (`beta1=0.8`: a flag or a copy of the YAML sets it)."""
+    def typed(value) -> str:  # as make takes it: 0 for 0.0 (the same run), yes/no for booleans
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value)
+
     names = make_variables()
-    return " ".join(sorted(f"{names.get(key, key)}={value}" for key, value in settings.items())) or "defaults"
+    return " ".join(sorted(f"{names.get(key, key)}={typed(value)}" for key, value in settings.items())) or "defaults"
