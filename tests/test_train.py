@@ -251,7 +251,7 @@ def test_memory_estimate_refuses_a_batch_that_cannot_fit_and_names_one_that_does
     assert "Out of memory" in result.stderr and "but the limit MAX_MEMORY_GB=0.25 is 0.25 GB" in result.stderr  # one unit
     fits = int(re.search(r"the largest batch that fits is about BATCH_SIZE=(\d+)", result.stderr)[1])
     assert 16 <= fits <= 1024, "far over the budget, the hint is many halvings down, not one"
-    assert f"type: python stages/train.py --batch-size {fits} " in result.stderr and "stays with a smaller one" in result.stderr
+    assert f"type: python stages/train.py --batch-size {fits} " in result.stderr and "never down)" in result.stderr
     trained = encoded.run("train.py", *TINY_TRAIN, "--epochs", "1", "--batch-size", fits, "--max-memory-gb", "0.25")
     assert "finished" in trained.stdout, "the batch the message names does fit"
     nothing = encoded.run("train.py", *TINY_TRAIN, "--max-memory-gb", "0.1", check=False)

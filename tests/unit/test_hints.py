@@ -44,7 +44,7 @@ def test_under_adamw_an_lr_the_user_set_is_scaled_from_their_own_batch(under_mak
     # the whole command to type: the new batch and LR replace the typed ones, every other variable stays
     hint = smaller_batch_hint(cfg)
     assert hint.startswith("type: make train BATCH_SIZE=64 LR=0.003 MAX_MEMORY_GB=0.5 CORPUS_PATH='my corpus.txt' "), hint
-    assert "OPTIMIZER=adamw" in hint and "(the LR follows the batch, two thirds per halving)" in hint
+    assert "OPTIMIZER=adamw" in hint and "from BATCH_SIZE=128 LR=0.0045: two thirds per halving)" in hint
     assert smaller_batch_hint(cfg, 16).startswith("type: make train BATCH_SIZE=16 LR=0.0013 MAX_MEMORY_GB=0.5 ")
 
 
@@ -52,8 +52,11 @@ def test_under_muon_the_lr_rises_with_a_bigger_batch_and_stays_with_a_smaller_on
     # Muon (the default): batch 16 did best at the LR of batch 32, batch 64 at 1.5 times it (docs/experiments.md)
     typed = run_config(batch_size=128, learning_rate=0.0045, max_memory_gb=0.5)
     assert smaller_batch_hint(typed, 16) == ("type: make train BATCH_SIZE=16 LR=0.0045 MAX_MEMORY_GB=0.5 "
-                                             "CORPUS_PATH='my corpus.txt' (under Muon the LR rises with a bigger "
-                                             "batch, 1.5x per doubling, and stays with a smaller one)")
+                                             "CORPUS_PATH='my corpus.txt' (the LR goes with the batch from "
+                                             "BATCH_SIZE=128 LR=0.0045: up 1.5x per doubling, never down)")
+    under_make.setenv("MAKEFLAGS", "s -- LR=0.00225 BATCH_SIZE=64")  # an LR kept stays as typed, not rounded
+    assert smaller_batch_hint(run_config(batch_size=64, learning_rate=0.00225), 32).startswith(
+        "type: make train BATCH_SIZE=32 LR=0.00225 (")
     under_make.setenv("MAKEFLAGS", "s -- MAX_MEMORY_GB=0.5 BATCH_SIZE=128")
     bare = run_config(batch_size=128, max_memory_gb=0.5)  # from the defaults' pair, BATCH_SIZE=32 LR=0.002
     assert smaller_batch_hint(bare).startswith("type: make train BATCH_SIZE=64 LR=0.003 MAX_MEMORY_GB=0.5 (")
@@ -69,13 +72,17 @@ def test_outside_make_the_hint_is_train_py_with_its_flags(monkeypatch):
 
 
 def test_the_smaller_batch_divides_among_the_processes(monkeypatch):
-    for name in ("TRAIN_STARTED_BY_MAKE", "MAKEFLAGS", "TRAIN_LAUNCH_SETTINGS"):
+    for name in ("TRAIN_STARTED_BY_MAKE", "MAKEFLAGS", "TRAIN_LAUNCH_SETTINGS", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     # 12 windows on 4 processes: half would be 6, which 4 processes cannot share; 4 can
     hint = smaller_batch_hint(run_config(batch_size=12, nproc=4))
     assert hint.startswith("type: python stages/train.py --batch-size 4 "), hint
     assert smaller_batch_hint(run_config(batch_size=24, nproc=4)).startswith(
         "type: python stages/train.py --batch-size 12 "), "a half that divides stays"
+    # inside a rank the processes are torchrun's WORLD_SIZE (a rank's own settings say NPROC 1)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert smaller_batch_hint(run_config(batch_size=12)).startswith("type: python stages/train.py --batch-size 4 ")
+    assert "fewer processes (NPROC)" in smaller_batch_hint(run_config(batch_size=4)), "no smaller batch 4 can share"
 
 
 def test_a_nan_loss_names_the_command_with_half_the_runs_lr(monkeypatch):

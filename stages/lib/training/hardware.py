@@ -8,6 +8,7 @@ the kernel killing the process an hour in.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
 import resource
@@ -93,36 +94,48 @@ def memory_limit_bytes(cfg: dict) -> tuple[int, str]:
     return (limit if limit is not None else 1 << 62), what
 
 
-def lr_for_batch(cfg: dict, batch: int) -> float:
-    """The LR that goes with `batch`: 1.5x per doubling, two thirds per halving (x ** 0.585), from the batch and LR
-    this run set, or, where LR was left at its default, from the defaults' own pair (a bare BATCH_SIZE=128 did not
-    scale its LR up, so the LR for a smaller batch is not scaled down from it). Under Muon only upwards: a smaller
-    batch did best at the LR it came from (measured at 16 and 64: docs/experiments.md)."""
-    ref_batch, ref_lr = cfg["batch_size"], cfg["learning_rate"]
+def reference_pair(cfg: dict) -> tuple[int, float]:
+    """The batch and LR a new batch's LR is reckoned from: the run's own if LR was typed; if LR was left at its
+    default, the defaults' own pair (a bare BATCH_SIZE=128 trained at the default batch's LR, which is the pair it
+    was really at)."""
     if cfg.get("_config") and "learning_rate" not in cfg.get("_overridden", ["learning_rate"]):
         from lib.runtime.config import load_yaml
 
         defaults = load_yaml(Path(cfg["_config"])).get("train", {})
-        ref_batch, ref_lr = defaults.get("batch_size", ref_batch), defaults.get("learning_rate", ref_lr)
+        return defaults.get("batch_size", cfg["batch_size"]), defaults.get("learning_rate", cfg["learning_rate"])
+    return cfg["batch_size"], cfg["learning_rate"]
+
+
+def lr_for_batch(cfg: dict, batch: int) -> float:
+    """The LR that goes with `batch`: 1.5x per doubling, two thirds per halving (x ** 0.585) from the reference
+    pair. Under Muon only upwards: a smaller batch did best at the LR it came from (measured at 16 and 64:
+    docs/experiments.md)."""
+    ref_batch, ref_lr = reference_pair(cfg)
     scale = (batch / ref_batch) ** 0.585
     return ref_lr * (max(1.0, scale) if cfg.get("optimizer") == "muon" else scale)
 
 
-def shared_batch(cfg: dict, batch: int) -> int:
-    """`batch` rounded down to a multiple of the processes (NPROC x NNODES), each taking the same share."""
-    world = cfg.get("nproc", 1) * cfg.get("nnodes", 1)
-    return max(world, batch - batch % world)
+def world_size(cfg: dict) -> int:
+    """The processes that share each batch: WORLD_SIZE inside torchrun's ranks (launch_ranks passes NPROC and NNODES
+    to them out of band), else NPROC x NNODES."""
+    return int(os.environ.get("WORLD_SIZE", 0)) or cfg.get("nproc", 1) * cfg.get("nnodes", 1)
 
 
 def smaller_batch_hint(cfg: dict, batch: int = 0) -> str:
     """The command to type for a smaller batch (half the run's unless given), with every other setting the run was
     given (CORPUS_PATH=..., MAX_MEMORY_GB=...), and the LR that goes with the batch (lr_for_batch)."""
-    batch = shared_batch(cfg, batch or max(1, cfg["batch_size"] // 2))
-    lr = float(f"{lr_for_batch(cfg, batch):.2g}")
+    world = world_size(cfg)
+    batch = batch or max(1, cfg["batch_size"] // 2)
+    batch -= batch % world  # every process takes the same share (check_launch refuses another batch)
+    if batch < world or batch >= cfg["batch_size"]:
+        return (f"BATCH_SIZE={cfg['batch_size']} cannot shrink and still divide among {world} processes: train with "
+                f"fewer processes (NPROC) or a smaller SEQ_LEN")
+    raw = lr_for_batch(cfg, batch)
+    lr = cfg["learning_rate"] if math.isclose(raw, cfg["learning_rate"]) else float(f"{raw:.2g}")
     changes = {"batch_size": batch} if lr == cfg["learning_rate"] else {"batch_size": batch, "learning_rate": lr}
-    why = ("under Muon the LR rises with a bigger batch, 1.5x per doubling, and stays with a smaller one"
-           if cfg.get("optimizer") == "muon" else "the LR follows the batch, two thirds per halving")
-    return f"type: {resume_command(cfg, **changes)} ({why})"
+    ref_batch, ref_lr = reference_pair(cfg)
+    how = "up 1.5x per doubling, never down" if cfg.get("optimizer") == "muon" else "two thirds per halving"
+    return f"type: {resume_command(cfg, **changes)} (the LR goes with the batch from BATCH_SIZE={ref_batch} LR={ref_lr:g}: {how})"
 
 
 def fitting_hint(cfg: dict, n_params: int, vocab: int, limit: int) -> str:
@@ -140,7 +153,6 @@ def fitting_hint(cfg: dict, n_params: int, vocab: int, limit: int) -> str:
     while seq >= 8 and not fits(max_seq_length=seq):
         seq //= 2
     keep_batch = f" (or keep the batch and use SEQ_LEN={seq})" if seq >= 8 else ""
-    batch = shared_batch(cfg, batch)
     return f"the largest batch that fits is about BATCH_SIZE={batch}{keep_batch}; " + smaller_batch_hint(cfg, batch)
 
 
