@@ -173,8 +173,7 @@ def main(cfg):
         "report.json": read(paths["eval"] / "report.json"),
         "export.json": {k: v for k, v in read(paths["export"] / "export.json").items() if k != "files"},
         "runs.json": {"runs": [{**{k: v for k, v in r.items() if k != "val_curve"},
-                                **run_history(Path(r["folder"]))} for r in runs],
-                      "table": (art / "runs" / "runs.md").read_text(encoding="utf-8").split("\n\n")[1]},
+                                **run_history(Path(r["folder"]))} for r in runs]},
         "logs.json": logs(cfg),
         "error_examples.json": error_examples(),
     }
