@@ -78,6 +78,9 @@ def test_ctrl_c_or_sighup_of_two_processes_ends_like_one_and_names_the_settings(
     proc = start_train(encoded, *args, env={"FAULT_AT_STEP": f"5:pause={marker}", "FAULT_RANK": "0"})
     wait_for(marker)
     os.killpg(proc.pid, signum)  # what Ctrl+C at the terminal (or the shell of a closed one) does: the whole group
+    # The launcher forwards the signal to the ranks in their own session; rank 0 must have it before its step
+    # goes on, or a loaded machine lets both ranks run one step more before they agree to stop.
+    wait_for(marker.with_name(marker.name + ".signalled"), seconds=60)
     marker.unlink()
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err

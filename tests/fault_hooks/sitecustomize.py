@@ -6,7 +6,8 @@ pipeline's functions as their modules are imported; each wrapper acts only while
 
     FAULT_AT_STEP=N:ACTION     train.py, at the start of training step N (inside its step guard):
                                sigint | sigterm | sighup | sigkill (sent to itself), oom, error (raised),
-                               pause=FILE (writes FILE, then waits until the test deletes it)
+                               pause=FILE (writes FILE, then waits until the test deletes it; once a
+                               stop signal has reached the waiting process it also writes FILE.signalled)
     FAULT_RANK=R               with several training processes only rank R acts (default: every rank)
     FAULT_ENOSPC=NAME          a write through atomic_path to a file whose name holds NAME fails: disk full
     FAULT_KILL_BEFORE_RENAME=NAME  kill -9 once that file's complete temp copy is written, before its rename
@@ -35,8 +36,11 @@ def fault_at_step(step: int, rank: int) -> None:
     if action.startswith("pause="):
         marker = Path(action.split("=", 1)[1])
         marker.write_text(str(os.getpid()))
+        signalled = marker.with_name(marker.name + ".signalled")
         while marker.exists():
-            time.sleep(0.05)
+            time.sleep(0.05)  # a signal cuts the sleep short and its handler runs here
+            if getattr(signal.getsignal(signal.SIGINT), "signum", None) is not None and not signalled.exists():
+                signalled.write_text(str(os.getpid()))  # train.py's stop request has its signal
     elif action in ("sigint", "sigterm", "sighup", "sigkill"):
         os.kill(os.getpid(), getattr(signal, action.upper()))
     elif action == "oom":
