@@ -158,6 +158,7 @@ def test_a_closed_terminal_saves_exits_129_and_the_rerun_resumes(encoded, corpus
         shown += os.read(terminal, 65536)
     assert b"epoch 1/2" in shown, "the progress bar was being drawn on the terminal"
     os.close(terminal)  # the terminal goes away
+    wait_for(marker.with_name(marker.name + ".signalled"), seconds=60)
     marker.unlink()
     assert proc.wait(timeout=120) == 129
     last = torch.load(encoded.artifacts / "checkpoints" / "last.pt", weights_only=True)
