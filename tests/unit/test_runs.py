@@ -232,6 +232,6 @@ def test_a_setting_make_has_no_variable_for_gives_the_python_command(outside_mak
 
 def test_a_runs_settings_are_written_as_the_make_variables_that_bring_it_back():
     from lib.training.run_summary import settings_text
-    assert settings_text({"dropout": 0.0, "learning_rate": 0.001, "compile": True, "beta1": 0.8}) == \
-        "COMPILE=yes DROPOUT=0 LR=0.001 beta1=0.8"  # beta1 has no Make variable: its YAML key
+    assert settings_text({"dropout": 0.0, "learning_rate": 0.001, "compile": True, "beta1": 0.8, "qk_norm": False}) == \
+        "COMPILE=yes DROPOUT=0 LR=0.001 --beta1 0.8 --no-qk-norm"  # beta1, qk_norm: no Make variable, train.py's flag
     assert settings_text({}) == "defaults"

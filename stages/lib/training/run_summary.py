@@ -51,8 +51,8 @@ def summarize_run(folder: Path) -> dict | None:
 
 
 def settings_text(settings: dict) -> str:
-    """The settings as you would type them to train the run again: Make variables (`LR=0.001`), and the YAML key
-    of a setting that has none (`beta1=0.8`: a flag or a copy of the YAML sets it)."""
+    """The settings as you would type them to train the run again: Make variables (`LR=0.001`), then the flag of
+    a setting that has none (`--beta1 0.8`, `--no-qk-norm`: train.py takes it, make does not)."""
     def typed(value) -> str:  # as make takes it: 0 for 0.0 (the same run), yes/no for booleans
         if isinstance(value, bool):
             return "yes" if value else "no"
@@ -60,5 +60,13 @@ def settings_text(settings: dict) -> str:
             return str(int(value))
         return str(value)
 
+    def flag(key: str, value) -> str:
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            return f"--{name}" if value else f"--no-{name}"
+        return f"--{name} {value}"
+
     names = make_variables()
-    return " ".join(sorted(f"{names.get(key, key)}={typed(value)}" for key, value in settings.items())) or "defaults"
+    variables = sorted(f"{names[key]}={typed(value)}" for key, value in settings.items() if key in names)
+    flags = sorted(flag(key, value) for key, value in settings.items() if key not in names)
+    return " ".join(variables + flags) or "defaults"
