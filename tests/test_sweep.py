@@ -75,9 +75,10 @@ def test_ctrl_c_lets_the_run_save_and_the_next_sweep_resumes_it(encoded, tmp_pat
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C at the terminal does
-    deadline = time.time() + 60
-    while not marker.with_name(marker.name + ".signalled").exists() and time.time() < deadline:
-        time.sleep(0.05)  # the run has the signal
+    signalled, deadline = marker.with_name(marker.name + ".signalled"), time.time() + 60
+    while not signalled.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert signalled.exists(), "the run never got the Ctrl+C"
     marker.unlink()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err and "the sweep resumes that run" in err, err

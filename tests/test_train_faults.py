@@ -28,11 +28,14 @@ def start_train(ws, *args, env=None):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def wait_for(path, seconds=180):
+def wait_for(path, seconds=180, proc=None):
+    """Until `path` exists; a run that ends first fails the test with its output, not after the whole wait."""
     deadline = time.time() + seconds
-    while not path.exists() and time.time() < deadline:
+    while not path.exists() and time.time() < deadline and (proc is None or proc.poll() is None):
         time.sleep(0.05)
-    assert path.exists(), f"{path} never appeared"
+    if not path.exists():
+        output = "" if proc is None or proc.poll() is None or proc.stderr is None else proc.communicate()[1]
+        raise AssertionError(f"{path} never appeared\n{output}")
 
 
 def test_disk_full_at_an_epoch_end_loses_no_finished_epoch(encoded, corpus_file, tmp_path):
@@ -43,7 +46,7 @@ def test_disk_full_at_an_epoch_end_loses_no_finished_epoch(encoded, corpus_file,
         # Paused inside epoch 2 (after its free-space check), the disk fills up; the epoch's saves then fail for real.
         proc = start_train(encoded, *TINY_TRAIN, "--epochs", "3",
                            env={"FAULT_AT_STEP": f"{steps_per_epoch(encoded) + 3}:pause={marker}"})
-        wait_for(marker)
+        wait_for(marker, proc=proc)
         filler = fill(ckpt, leave_bytes=40_000)
         marker.unlink()
         out, err = proc.communicate(timeout=300)
@@ -76,11 +79,11 @@ def test_ctrl_c_or_sighup_of_two_processes_ends_like_one_and_names_the_settings(
     marker = tmp_path / "paused"
     args = [*TINY_TRAIN, "--epochs", "3", "--learning-rate", "0.0025", "--nproc", "2", "--dropout", "0"]
     proc = start_train(encoded, *args, env={"FAULT_AT_STEP": f"5:pause={marker}", "FAULT_RANK": "0"})
-    wait_for(marker)
+    wait_for(marker, proc=proc)
     os.killpg(proc.pid, signum)  # what Ctrl+C at the terminal (or the shell of a closed one) does: the whole group
     # The launcher forwards the signal to the ranks in their own session; rank 0 must have it before its step
     # goes on, or a loaded machine lets both ranks run one step more before they agree to stop.
-    wait_for(marker.with_name(marker.name + ".signalled"), seconds=60)
+    wait_for(marker.with_name(marker.name + ".signalled"), seconds=60, proc=proc)
     marker.unlink()
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err
@@ -97,7 +100,7 @@ def test_an_interrupted_run_moved_to_the_archive_resumes_when_its_settings_retur
     straight.run("train.py", *mine)
     marker = tmp_path / "paused"
     proc = start_train(encoded, *mine, env={"FAULT_AT_STEP": f"{steps_per_epoch(encoded) + 3}:pause={marker}"})
-    wait_for(marker)
+    wait_for(marker, proc=proc)
     os.killpg(proc.pid, signal.SIGINT)
     marker.unlink()
     _, err = proc.communicate(timeout=120)
@@ -116,7 +119,7 @@ def test_clean_targets_refuse_while_a_training_run_holds_the_folder(encoded, tmp
     marker = tmp_path / "paused"
     proc = start_train(encoded, *TINY_TRAIN, "--epochs", "3",
                        env={"FAULT_AT_STEP": f"{steps_per_epoch(encoded) + 2}:pause={marker}"})
-    wait_for(marker)  # epoch 1 is saved; the run is inside epoch 2
+    wait_for(marker, proc=proc)  # epoch 1 is saved; the run is inside epoch 2
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
     make = ["make", "--no-print-directory", "-C", str(REPO), f"ARTIFACTS_DIR={encoded.artifacts}", f"DATA_DIR={encoded.data}"]
     for target in ("clean-checkpoints", "clean"):
@@ -158,7 +161,7 @@ def test_a_closed_terminal_saves_exits_129_and_the_rerun_resumes(encoded, corpus
         shown += os.read(terminal, 65536)
     assert b"epoch 1/2" in shown, "the progress bar was being drawn on the terminal"
     os.close(terminal)  # the terminal goes away
-    wait_for(marker.with_name(marker.name + ".signalled"), seconds=60)
+    wait_for(marker.with_name(marker.name + ".signalled"), seconds=60, proc=proc)
     marker.unlink()
     assert proc.wait(timeout=120) == 129
     last = torch.load(encoded.artifacts / "checkpoints" / "last.pt", weights_only=True)

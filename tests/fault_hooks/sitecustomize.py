@@ -39,7 +39,8 @@ def fault_at_step(step: int, rank: int) -> None:
         signalled = marker.with_name(marker.name + ".signalled")
         while marker.exists():
             time.sleep(0.05)  # a signal cuts the sleep short and its handler runs here
-            if getattr(signal.getsignal(signal.SIGINT), "signum", None) is not None and not signalled.exists():
+            got = any(getattr(signal.getsignal(s), "signum", None) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+            if got and not signalled.exists():
                 signalled.write_text(str(os.getpid()))  # train.py's stop request has its signal
     elif action in ("sigint", "sigterm", "sighup", "sigkill"):
         os.kill(os.getpid(), getattr(signal, action.upper()))
