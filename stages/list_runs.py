@@ -37,7 +37,7 @@ def kept_runs(paths: dict) -> tuple[list[dict], list[Path]]:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| run | when | settings besides the defaults (Make variables) | epochs | best val | final val | final bpb | max gap | wall s | folder |",
+    lines = ["| run | when | settings besides the defaults (Make variables, or train.py flags) | epochs | best val | final val | final bpb | max gap | wall s | folder |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(runs, 1):
         epochs = (f"{r['epochs']}" if r["finished"] else

@@ -52,7 +52,8 @@ from lib.training.guards import (StopRequest, compile_or_eager, lost_peer_explai
 from lib.training.hardware import check_memory, keep_freed_memory, resolve_device, resolve_dtype
 from lib.training.launch import launch_ranks, launched_by_torchrun, end_of_rank
 from lib.training.optim import LossModule, lr_at, make_optimizer, set_learning_rate
-from lib.training.regularisation import dropout_setting, noise_inputs, resolve_dropout
+from lib.training.regularisation import (AUTO_DROPOUT, AUTO_DROPOUT_MAX, AUTO_DROPOUT_TOKENS, dropout_setting,
+                                         noise_inputs, resolve_dropout)
 from lib.training.runs import acquire_lock, fingerprint, resume_command, run_identity
 from lib.training.samples import generate_samples, sample_prompts
 from lib.training.state import Progress, Run, reseed_rank, start_or_resume
@@ -74,7 +75,8 @@ def build_parser():
       help="RMS-normalise queries and keys per head (an option: the export refuses it)")
     a("--logit-softcap", type=float, default=None, help="> 0: logits = cap * tanh(logits / cap) (an option: the export refuses it)")
     a("--dropout", type=dropout_setting, default=None,
-      help="on embeddings and residual branches; 'auto' = 0.1, more for a training split under 650K tokens")
+      help=f"on embeddings and residual branches; 'auto' = {AUTO_DROPOUT:g}, more for a training split under "
+           f"{AUTO_DROPOUT_TOKENS // 1000}K tokens, at most {AUTO_DROPOUT_MAX:g}")
     a("--input-noise", type=float, default=None,
       help="share of input tokens replaced by random tokens of the training text (targets stay clean)")
     a("--max-seq-length", type=int, default=None, help="tokens per window; the model's context")

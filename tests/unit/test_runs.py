@@ -230,8 +230,10 @@ def test_a_setting_make_has_no_variable_for_gives_the_python_command(outside_mak
     assert resume_command(cfg) == "python stages/train.py --beta1 0.8 --nproc 2"
 
 
-def test_a_runs_settings_are_written_as_the_make_variables_that_bring_it_back():
+def test_a_runs_settings_are_written_as_the_command_line_that_brings_it_back():
     from lib.training.run_summary import settings_text
-    assert settings_text({"dropout": 0.0, "learning_rate": 0.001, "compile": True, "beta1": 0.8, "qk_norm": False}) == \
-        "COMPILE=yes DROPOUT=0 LR=0.001 --beta1 0.8 --no-qk-norm"  # beta1, qk_norm: no Make variable, train.py's flag
+    assert settings_text({"dropout": 0.0, "learning_rate": 0.001, "compile": True}) == "COMPILE=yes DROPOUT=0 LR=0.001"
+    # beta1 and qk_norm have no Make variable: then every setting is train.py's flag, one command that runs
+    assert settings_text({"dropout": 0.0, "learning_rate": 0.001, "beta1": 0.8, "qk_norm": False}) == \
+        "--beta1 0.8 --dropout 0 --learning-rate 0.001 --no-qk-norm"
     assert settings_text({}) == "defaults"

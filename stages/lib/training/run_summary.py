@@ -51,8 +51,9 @@ def summarize_run(folder: Path) -> dict | None:
 
 
 def settings_text(settings: dict) -> str:
-    """The settings as you would type them to train the run again: Make variables (`LR=0.001`), then the flag of
-    a setting that has none (`--beta1 0.8`, `--no-qk-norm`: train.py takes it, make does not)."""
+    """The settings as you would type them to train the run again: Make variables (`LR=0.001`), or, when one of
+    them has none, train.py's flags for all of them (`--beta1 0.8 --learning-rate 0.001`), as resume_command does:
+    make would take `--beta1` for its own option, and train.py refuses `LR=0.001`."""
     def typed(value) -> str:  # as make takes it: 0 for 0.0 (the same run), yes/no for booleans
         if isinstance(value, bool):
             return "yes" if value else "no"
@@ -64,9 +65,9 @@ def settings_text(settings: dict) -> str:
         name = key.replace("_", "-")
         if isinstance(value, bool):
             return f"--{name}" if value else f"--no-{name}"
-        return f"--{name} {value}"
+        return f"--{name} {typed(value)}"
 
     names = make_variables()
-    variables = sorted(f"{names[key]}={typed(value)}" for key, value in settings.items() if key in names)
-    flags = sorted(flag(key, value) for key, value in settings.items() if key not in names)
-    return " ".join(variables + flags) or "defaults"
+    if all(key in names for key in settings):
+        return " ".join(sorted(f"{names[key]}={typed(value)}" for key, value in settings.items())) or "defaults"
+    return " ".join(flag(key, value) for key, value in sorted(settings.items()))
