@@ -13,6 +13,7 @@ for again. val_curves.png overlays the validation loss of every run, epoch by ep
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from lib.runtime.config import resolve_config, stage_parser, stage_paths
@@ -57,7 +58,7 @@ def draw_val_curves(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for i, r in enumerate(runs, 1):
         label = f"{i}{' (current)' if r['current'] else ''}: {settings_text(r['settings'])}"
-        ax.plot(range(1, len(r["val_curve"]) + 1), r["val_curve"], marker="o", markersize=3, label=label[:90])
+        ax.plot(range(1, len(r["val_curve"]) + 1), r["val_curve"], marker="o", markersize=3, label=textwrap.fill(label, 70))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation loss (nats/token)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

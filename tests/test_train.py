@@ -63,7 +63,7 @@ def test_auto_dropout_is_0_2_on_the_default_corpus_and_grows_as_the_text_shrinks
     assert resolve_dropout("auto", 433_333)[0] == 0.3    # 2/3 of the default corpus
     assert resolve_dropout("auto", 264_787)[0] == 0.4    # the Debian Reference manual: capped
     assert resolve_dropout("auto", 1_000)[0] == 0.4      # capped
-    assert resolve_dropout(0.05, 1_000) == (0.05, "as configured")
+    assert resolve_dropout(0.05, 1_000) == (0.05, "as configured; 1,000 training tokens")
 
 
 def test_checkpoint_is_plain_and_loads_with_weights_only(encoded):

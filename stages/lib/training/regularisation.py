@@ -35,7 +35,7 @@ def resolve_dropout(setting, train_tokens: int) -> tuple[float, str]:
     650K training tokens and scales it by 650K / tokens below that, up to 0.4.
     """
     if setting != "auto":
-        return float(setting), "as configured"
+        return float(setting), f"as configured; {train_tokens:,} training tokens"  # the count the advice reads
     rate = min(AUTO_DROPOUT_MAX, AUTO_DROPOUT * max(1.0, AUTO_DROPOUT_TOKENS / max(train_tokens, 1)))
     return round(rate, 3), (f"auto: {train_tokens:,} training tokens; {AUTO_DROPOUT} from {AUTO_DROPOUT_TOKENS:,} up, "
                             f"{AUTO_DROPOUT} x {AUTO_DROPOUT_TOKENS:,} / tokens below, at most {AUTO_DROPOUT_MAX}")
