@@ -6,6 +6,7 @@ other setting that differs from the defaults; outside make, train.py's flags.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -20,8 +21,9 @@ LAUNCH_SETTINGS_ENV = "TRAIN_LAUNCH_SETTINGS"  # launch.py hands each rank the l
 STARTED_BY_MAKE_ENV = "TRAIN_STARTED_BY_MAKE"
 
 
+@functools.lru_cache(maxsize=1)  # read once per process: make runs lists every run's settings through it
 def make_variables() -> dict[str, str]:
-    """{config key: Make variable} as the Makefile passes them on (`$(call flag,--learning-rate,LR)`)."""
+    """{config key: Make variable} as the Makefile passes them on (`$(call flag,--learning-rate,LR)`); read-only."""
     text = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
     pairs = {flag.replace("-", "_"): var for flag, var in re.findall(r"\$\(call flag,--([a-z0-9-]+),([A-Z_0-9]+)\)", text)}
     return {**pairs, "compile": "COMPILE", "data_dir": "DATA_DIR", "artifacts_dir": "ARTIFACTS_DIR"}
@@ -75,9 +77,14 @@ def resume_command(cfg: dict, **changes) -> str:
                                  if variables[key] not in given and key not in changes])
     words = ["python", "stages/train.py"] + ([] if default_config else ["--config", shlex.quote(str(config))])
     for key in changed:
-        flag = "--" + key.replace("_", "-")
-        if isinstance(cfg[key], bool):
-            words.append(flag if cfg[key] else "--no-" + flag[2:])
-        else:
-            words += [flag, shown(cfg[key])]
+        words += flag_words(key, cfg[key], shown)
     return " ".join(words)
+
+
+def flag_words(key: str, value, shown) -> list[str]:
+    """train.py's flag for a setting: `--beta1 0.8`, or `--qk-norm` / `--no-qk-norm` for a boolean; `shown`
+    writes the value."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + flag[2:]]
+    return [flag, shown(value)]

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from lib.training.commands import make_variables
+from lib.training.commands import flag_words, make_variables
 
 # Settings that say where files are or how to start, not what was trained.
 NOT_SETTINGS = {"data_dir", "artifacts_dir", "resume"}
@@ -61,13 +61,7 @@ def settings_text(settings: dict) -> str:
             return str(int(value))
         return str(value)
 
-    def flag(key: str, value) -> str:
-        name = key.replace("_", "-")
-        if isinstance(value, bool):
-            return f"--{name}" if value else f"--no-{name}"
-        return f"--{name} {typed(value)}"
-
     names = make_variables()
     if all(key in names for key in settings):
         return " ".join(sorted(f"{names[key]}={typed(value)}" for key, value in settings.items())) or "defaults"
-    return " ".join(flag(key, value) for key, value in sorted(settings.items()))
+    return " ".join(word for key, value in sorted(settings.items()) for word in flag_words(key, value, typed))
