@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,17 @@ if FAULT_HOOKS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
 if FAULT_HOOKS not in sys.path:
     sys.path.insert(0, FAULT_HOOKS)
 import sitecustomize  # noqa: E402,F401 - the hooks, for the modules this process imports from now on
+from sitecustomize import signalled_marker  # noqa: E402,F401 - for the tests that pause a run
+
+
+def wait_for(path, seconds=180, proc=None):
+    """Until `path` exists; a run that ends first fails the test with its output, not after the whole wait."""
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline and (proc is None or proc.poll() is None):
+        time.sleep(0.05)
+    if not path.exists():
+        output = "" if proc is None or proc.poll() is None or proc.stderr is None else proc.communicate()[1]
+        raise AssertionError(f"{path} never appeared\n{output}")
 
 
 def _mount(*args) -> None:

@@ -12,6 +12,7 @@ import sys
 import time
 
 from conftest import REPO, TINY_TRAIN, Workspace, assert_clean_failure, steps_per_epoch
+from faults_helpers import signalled_marker, wait_for
 
 MERGE_ROWS = """
 import sys
@@ -71,14 +72,9 @@ def test_ctrl_c_lets_the_run_save_and_the_next_sweep_resumes_it(encoded, tmp_pat
            str(epochs), "--data-dir", str(encoded.data), "--artifacts-dir", str(encoded.artifacts), "--extra", " ".join(tiny)]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "FAULT_AT_STEP": f"{steps_per_epoch(encoded) + 2}:pause={marker}"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while not marker.exists() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for(marker, seconds=120, proc=proc)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C at the terminal does
-    signalled, deadline = marker.with_name(marker.name + ".signalled"), time.time() + 60
-    while not signalled.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert signalled.exists(), "the run never got the Ctrl+C"
+    wait_for(signalled_marker(marker), seconds=60, proc=proc)  # the run has the Ctrl+C
     marker.unlink()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err and "the sweep resumes that run" in err, err

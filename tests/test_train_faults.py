@@ -18,7 +18,7 @@ import torch
 
 import pytest
 from conftest import PYTHON, REPO, TINY_TRAIN, Workspace, losses, steps_per_epoch
-from faults_helpers import fill, small_disk
+from faults_helpers import fill, signalled_marker, small_disk, wait_for
 
 
 def start_train(ws, *args, env=None):
@@ -26,16 +26,6 @@ def start_train(ws, *args, env=None):
            *map(str, args)]
     return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for(path, seconds=180, proc=None):
-    """Until `path` exists; a run that ends first fails the test with its output, not after the whole wait."""
-    deadline = time.time() + seconds
-    while not path.exists() and time.time() < deadline and (proc is None or proc.poll() is None):
-        time.sleep(0.05)
-    if not path.exists():
-        output = "" if proc is None or proc.poll() is None or proc.stderr is None else proc.communicate()[1]
-        raise AssertionError(f"{path} never appeared\n{output}")
 
 
 def test_disk_full_at_an_epoch_end_loses_no_finished_epoch(encoded, corpus_file, tmp_path):
@@ -83,7 +73,7 @@ def test_ctrl_c_or_sighup_of_two_processes_ends_like_one_and_names_the_settings(
     os.killpg(proc.pid, signum)  # what Ctrl+C at the terminal (or the shell of a closed one) does: the whole group
     # The launcher forwards the signal to the ranks in their own session; rank 0 must have it before its step
     # goes on, or a loaded machine lets both ranks run one step more before they agree to stop.
-    wait_for(marker.with_name(marker.name + ".signalled"), seconds=60, proc=proc)
+    wait_for(signalled_marker(marker), seconds=60, proc=proc)
     marker.unlink()
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err
@@ -161,7 +151,7 @@ def test_a_closed_terminal_saves_exits_129_and_the_rerun_resumes(encoded, corpus
         shown += os.read(terminal, 65536)
     assert b"epoch 1/2" in shown, "the progress bar was being drawn on the terminal"
     os.close(terminal)  # the terminal goes away
-    wait_for(marker.with_name(marker.name + ".signalled"), seconds=60, proc=proc)
+    wait_for(signalled_marker(marker), seconds=60, proc=proc)
     marker.unlink()
     assert proc.wait(timeout=120) == 129
     last = torch.load(encoded.artifacts / "checkpoints" / "last.pt", weights_only=True)

@@ -26,6 +26,11 @@ import time
 from pathlib import Path
 
 
+def signalled_marker(marker: Path) -> Path:
+    """The file a paused process writes beside its pause marker once a stop signal has reached it."""
+    return marker.with_name(marker.name + ".signalled")
+
+
 def fault_at_step(step: int, rank: int) -> None:
     spec = os.environ.get("FAULT_AT_STEP")
     if not spec or os.environ.get("FAULT_RANK", str(rank)) != str(rank):
@@ -36,7 +41,7 @@ def fault_at_step(step: int, rank: int) -> None:
     if action.startswith("pause="):
         marker = Path(action.split("=", 1)[1])
         marker.write_text(str(os.getpid()))
-        signalled = marker.with_name(marker.name + ".signalled")
+        signalled = signalled_marker(marker)
         while marker.exists():
             time.sleep(0.05)  # a signal cuts the sleep short and its handler runs here
             got = any(getattr(signal.getsignal(s), "signum", None) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
